@@ -1,0 +1,127 @@
+"""`chexdist` subcommands: thin wrappers over the library. The only place that turns errors into
+one-line messages and exit codes (2: bad input or configuration, 1: a check found problems)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from chexdist import __version__
+from chexdist.errors import ChexdistError
+
+
+def _default_workers() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from chexdist.synth import make_synthetic_nih
+
+    summary = make_synthetic_nih(args.out, images=args.images, size=args.size, seed=args.seed)
+    print(f"wrote {summary['images']} images of {summary['patients']} patients to {args.out}")
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from chexdist.pack import PackSettings, pack_dataset
+
+    settings = PackSettings(
+        split=args.split,
+        size=args.size,
+        format=args.format,
+        quality=args.quality,
+        shard_size=args.shard_size,
+        limit=args.limit,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        fractions=tuple(args.fractions),
+        stratify=args.stratify,
+    )
+    manifest = pack_dataset(args.nih_root, args.out, settings, workers=args.workers, progress=not args.quiet)
+    counts = ", ".join(f"{s} {v['samples']} ({v['patients']} patients)" for s, v in manifest["splits"].items())
+    print(f"packed {counts} into {args.out}")
+    if manifest["errors"]:
+        reasons = ", ".join(f"{n} {k}" for k, n in manifest["error_reasons"].items())
+        print(f"skipped {manifest['errors']} input(s) ({reasons}); listed in {os.path.join(args.out, 'errors.jsonl')}")
+    return 0
+
+
+def cmd_shards_verify(args: argparse.Namespace) -> int:
+    from chexdist.pack import verify_shards
+
+    report = verify_shards(args.path, workers=args.workers)
+    for problem in report["problems"]:
+        print(f"FAIL {problem}")
+    status = "OK" if report["ok"] else f"{len(report['problems'])} problem(s)"
+    print(f"{status}: {report['shards']} shards, {report['samples']} samples verified in {args.path}")
+    return 0 if report["ok"] else 1
+
+
+def cmd_shards_info(args: argparse.Namespace) -> int:
+    from chexdist.pack import format_info, read_manifest
+
+    manifest = read_manifest(args.path)
+    print(json.dumps(manifest, indent=2) if args.json else format_info(manifest))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chexdist", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"chexdist {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic dataset in the exact NIH file layout")
+    p.add_argument("out", help="output folder (becomes an --nih-root)")
+    p.add_argument("--images", type=int, default=300)
+    p.add_argument("--size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("pack", help="pack an NIH-format download into WebDataset shards")
+    p.add_argument("--nih-root", required=True, help="folder with Data_Entry_2017*.csv[.gz] and images")
+    p.add_argument("--out", required=True, help="shard folder, e.g. shards/nih")
+    p.add_argument("--split", default="random", help="official (needs train_val_list.txt/test_list.txt) or random")
+    p.add_argument("--size", type=int, default=512, help="shorter side in pixels; 0 keeps the original")
+    p.add_argument("--format", default="png", help="png (lossless) or jpg (about 4x faster to decode)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--workers", type=int, default=_default_workers(), help="decode processes")
+    p.add_argument("--limit", type=int, default=None, help="pack at most N images (quick trials)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the in-split order")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="official: fraction of train_val patients for val")
+    p.add_argument("--fractions", type=float, nargs=3, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "TEST"),
+                   help="random: patient fractions")
+    p.add_argument("--stratify", action="store_true", help="random: stratify patients by their rarest finding")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pack)
+
+    shards = sub.add_parser("shards", help="inspect or verify packed shards").add_subparsers(dest="shards_command", required=True)
+    p = shards.add_parser("verify", help="re-check checksums, counts, decoding, labels and patient leakage")
+    p.add_argument("path")
+    p.add_argument("--workers", type=int, default=_default_workers())
+    p.set_defaults(func=cmd_shards_verify)
+    p = shards.add_parser("info", help="table of splits, patients and prevalence")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print the whole manifest")
+    p.set_defaults(func=cmd_shards_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ChexdistError as exc:
+        print(f"chexdist: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("chexdist: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

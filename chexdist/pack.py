@@ -1,0 +1,443 @@
+"""Pack an NIH-format download into WebDataset shards + manifest.json + errors.jsonl; verify them.
+
+Packing is deterministic (same inputs and settings -> byte-identical shards), parallel (worker
+processes decode, resize and encode; the main process writes tars), and resumable at shard
+granularity: a shard is written as a hidden temp file and renamed when complete, and its record in
+`.pack/` is written after the rename, so a re-run after a kill redoes only unfinished shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from chexdist import __version__
+from chexdist.errors import ChexdistError
+from chexdist.images import ImageDecodeError, decode_gray8, encode, load_gray8, resize_shorter
+from chexdist.io import atomic_write_json, atomic_write_text, sha256_file
+from chexdist.labels import LABELS, check_labels
+from chexdist.nih import NihRelease, load_release
+from chexdist.splits import METHODS, SPLITS, assign_split, check_no_leakage
+
+FORMAT_VERSION = 1
+FORMATS = ("png", "jpg")
+MANIFEST = "manifest.json"
+ERRORS = "errors.jsonl"
+STATE_DIR = ".pack"
+
+
+@dataclass(frozen=True)
+class PackSettings:
+    """Everything that determines the shards' bytes; a resumed pack must use the same values."""
+
+    split: str = "random"
+    size: int = 512
+    format: str = "png"
+    quality: int = 95
+    shard_size: int = 1000
+    limit: int | None = None
+    seed: int = 0
+    val_fraction: float = 0.1
+    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    stratify: bool = False
+
+    def validate(self) -> None:
+        if self.split not in METHODS:
+            raise ChexdistError(f"unknown --split {self.split!r}; choose one of {', '.join(METHODS)}")
+        if self.format not in FORMATS:
+            raise ChexdistError(f"unknown --format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.size < 0:
+            raise ChexdistError(f"--size {self.size} must be >= 0 (0 keeps the original size)")
+        if not 1 <= self.quality <= 100:
+            raise ChexdistError(f"--quality {self.quality} must be in 1..100")
+        if self.shard_size < 1:
+            raise ChexdistError(f"--shard-size {self.shard_size} must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ChexdistError(f"--limit {self.limit} must be >= 1")
+
+    def fingerprint(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class ShardPlan:
+    name: str
+    split: str
+    rows: list[dict] = field(default_factory=list)
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def _sample_meta(row: pd.Series, split: str) -> dict:
+    def number(value, cast):
+        return None if pd.isna(value) else cast(value)
+
+    return {
+        "image": row["image"],
+        "labels": [int(row[label]) for label in LABELS],
+        "patient_id": int(row["patient_id"]),
+        "follow_up": int(row["follow_up"]),
+        "age": int(row["age"]) if row["age"] >= 0 else None,
+        "sex": row["sex"],
+        "view": row["view"],
+        "orig_size": [number(row["orig_width"], int), number(row["orig_height"], int)],
+        "pixel_spacing": [number(row["spacing_x"], float), number(row["spacing_y"], float)],
+        "split": split,
+    }
+
+
+def plan_shards(release: NihRelease, settings: PackSettings) -> tuple[list[ShardPlan], pd.DataFrame]:
+    """Split whole patients, order each split with a seeded shuffle (so shards mix patients), and
+    cut it into shards. Returns the plans and the rows whose image file is missing."""
+    table = release.table
+    split = assign_split(
+        table,
+        settings.split,
+        train_val=release.train_val,
+        test=release.test,
+        val_fraction=settings.val_fraction,
+        fractions=settings.fractions,
+        seed=settings.seed,
+        stratify=settings.stratify,
+    )
+    present = table["image"].isin(release.images.keys())
+    if not present.any():
+        example = next(iter(release.images))
+        raise ChexdistError(
+            f"{release.root}: none of the {len(release.images)} image files (e.g. {example}) is listed in "
+            f"{release.csv_path.name}; is --nih-root the right download?"
+        )
+    missing = table[~present]
+    packable = table[present].assign(split=split[present])
+    if settings.limit is not None:
+        packable = packable.iloc[: settings.limit]
+    rng = np.random.default_rng(settings.seed)
+    plans: list[ShardPlan] = []
+    for name in SPLITS:
+        part = packable[packable["split"] == name]
+        part = part.iloc[rng.permutation(len(part))]
+        rows = [
+            {"path": str(release.images[r["image"]]), "key": Path(r["image"]).stem, "meta": _sample_meta(r, name)}
+            for _, r in part.iterrows()
+        ]
+        for index, start in enumerate(range(0, len(rows), settings.shard_size)):
+            plans.append(ShardPlan(shard_name(name, index), name, rows[start : start + settings.shard_size]))
+    return plans, missing
+
+
+def encode_sample(task: tuple[str, int, str, int]) -> tuple[bytes | None, str | None]:
+    """Worker-process stage: read, convert to 8-bit gray, resize, encode. Returns (bytes, error)."""
+    path, size, fmt, quality = task
+    try:
+        image = load_gray8(path)
+        if size:
+            image = resize_shorter(image, size)
+        return encode(image, fmt, quality), None
+    except FileNotFoundError:
+        return None, "missing: file not found"
+    except ImageDecodeError as exc:
+        return None, f"undecodable: {exc}"
+    except OSError as exc:
+        return None, f"unreadable: {exc}"
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uname = info.gname = "chexdist"
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _positives(metas: Iterable[dict]) -> list[int]:
+    counts = np.zeros(len(LABELS), dtype=np.int64)
+    for meta in metas:
+        counts += np.asarray(meta["labels"], dtype=np.int64)
+    return counts.tolist()
+
+
+def _write_shard(out: Path, plan: ShardPlan, encoded: Iterator[tuple[bytes | None, str | None]], fmt: str, tick: Callable[[], None]) -> dict:
+    """Write one shard to a temp name, rename it, then record it. Returns the record."""
+    final = out / plan.name
+    temp = out / f".{plan.name}.tmp"
+    metas, errors = [], []
+    with open(temp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for row in plan.rows:
+                data, error = next(encoded)
+                tick()
+                if error is not None:
+                    errors.append({"image": row["meta"]["image"], "path": row["path"], "split": plan.split, "reason": error})
+                    continue
+                _tar_add(tar, f"{row['key']}.json", json.dumps(row["meta"], sort_keys=True).encode())
+                _tar_add(tar, f"{row['key']}.{fmt}", data)
+                metas.append(row["meta"])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, final)
+    record = {
+        "name": plan.name,
+        "split": plan.split,
+        "samples": len(metas),
+        "sha256": sha256_file(final),
+        "bytes": final.stat().st_size,
+        "patients": sorted({m["patient_id"] for m in metas}),
+        "positives": _positives(metas),
+        "errors": errors,
+    }
+    atomic_write_json(out / STATE_DIR / f"{plan.name}.json", record)
+    return record
+
+
+def _load_state(out: Path, settings: PackSettings, source_sha: str) -> dict[str, dict]:
+    """Records of shards finished by an earlier run with the same settings and source."""
+    state = out / STATE_DIR
+    key = {"settings": settings.fingerprint(), "source_sha256": source_sha}
+    settings_file = state / "settings.json"
+    if settings_file.is_file():
+        if json.loads(settings_file.read_text()) != key:
+            raise ChexdistError(
+                f"{out}: holds shards packed with other settings or another CSV; use a new --out or delete it"
+            )
+    elif any(out.glob("*.tar")):
+        raise ChexdistError(f"{out}: holds shards that chexdist did not write here; use a new --out or delete it")
+    atomic_write_json(settings_file, key)
+    done = {}
+    for path in state.glob("*.tar.json"):
+        record = json.loads(path.read_text())
+        shard = out / record["name"]
+        if shard.is_file() and shard.stat().st_size == record["bytes"]:
+            done[record["name"]] = record
+    return done
+
+
+def pack_dataset(
+    nih_root: str | os.PathLike,
+    out: str | os.PathLike,
+    settings: PackSettings = PackSettings(),
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Pack (or finish packing) `nih_root` into `out`; returns the manifest."""
+    settings.validate()
+    if workers < 1:
+        raise ChexdistError(f"--workers {workers} must be >= 1")
+    release = load_release(nih_root)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    source_sha = sha256_file(release.csv_path)
+    plans, missing = plan_shards(release, settings)
+    done = _load_state(out, settings, source_sha)
+    (out / MANIFEST).unlink(missing_ok=True)
+    todo = [p for p in plans if p.name not in done]
+    for stale in out.glob(".*.tar.tmp"):
+        stale.unlink()
+
+    from tqdm.auto import tqdm
+
+    total = sum(len(p.rows) for p in todo)
+    bar = tqdm(total=total, desc=f"pack {out.name}", unit="img", disable=not progress or total == 0)
+    tasks = ((row["path"], settings.size, settings.format, settings.quality) for p in todo for row in p.rows)
+    if workers == 1:
+        encoded = map(encode_sample, tasks)
+        for plan in todo:
+            done[plan.name] = _write_shard(out, plan, encoded, settings.format, bar.update)
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            encoded = pool.map(encode_sample, tasks, chunksize=4)
+            for plan in todo:
+                done[plan.name] = _write_shard(out, plan, encoded, settings.format, bar.update)
+    bar.close()
+
+    records = [done[p.name] for p in plans]
+    errors = [
+        {"image": image, "path": None, "split": None, "reason": "missing: listed in the CSV, no file under --nih-root"}
+        for image in missing["image"]
+    ] + [e for r in records for e in r["errors"]]
+    _write_errors(out / ERRORS, errors)
+    manifest = _build_manifest(release, settings, source_sha, records, errors)
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def _write_errors(path: Path, errors: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in errors))
+
+
+def _build_manifest(release: NihRelease, settings: PackSettings, source_sha: str, records: list[dict], errors: list[dict]) -> dict:
+    splits = {}
+    for name in SPLITS:
+        mine = [r for r in records if r["split"] == name]
+        positives = np.sum([r["positives"] for r in mine], axis=0).tolist() if mine else [0] * len(LABELS)
+        splits[name] = {
+            "samples": sum(r["samples"] for r in mine),
+            "patients": len({p for r in mine for p in r["patients"]}),
+            "positives": dict(zip(LABELS, positives)),
+            "shards": [{k: r[k] for k in ("name", "samples", "sha256", "bytes")} for r in mine],
+        }
+    reasons: dict[str, int] = {}
+    for e in errors:
+        kind = e["reason"].split(":")[0]
+        reasons[kind] = reasons.get(kind, 0) + 1
+    return {
+        "format_version": FORMAT_VERSION,
+        "chexdist_version": __version__,
+        "labels": list(LABELS),
+        "image": {
+            "size": settings.size,
+            "format": settings.format,
+            "quality": settings.quality if settings.format == "jpg" else None,
+            "mode": "L",
+        },
+        "split": {
+            "method": settings.split,
+            "seed": settings.seed,
+            "val_fraction": settings.val_fraction if settings.split == "official" else None,
+            "fractions": list(settings.fractions) if settings.split == "random" else None,
+            "stratify": settings.stratify,
+        },
+        "shard_size": settings.shard_size,
+        "limit": settings.limit,
+        "source": {"csv": release.csv_path.name, "csv_sha256": source_sha, "rows": int(len(release.table))},
+        "errors": len(errors),
+        "error_reasons": reasons,
+        "splits": splits,
+    }
+
+
+def read_manifest(shard_dir: str | os.PathLike) -> dict:
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise ChexdistError(f"{path}: no manifest; pack the data first (chexdist pack) or let it finish")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ChexdistError(f"{path}: not valid JSON ({exc})") from exc
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ChexdistError(f"{path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
+    check_labels(manifest["labels"], source=str(path))
+    return manifest
+
+
+def _verify_shard(args: tuple[str, dict, str, str]) -> dict:
+    """Worker stage: re-hash and fully decode one shard."""
+    path, entry, split, fmt = args
+    problems: list[str] = []
+    name = Path(path).name
+    if not os.path.isfile(path):
+        return {"problems": [f"{name}: file missing"], "patients": [], "positives": [0] * len(LABELS), "samples": 0}
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    if digest.hexdigest() != entry["sha256"]:
+        problems.append(f"{name}: sha256 differs from the manifest (corrupt or replaced)")
+    groups: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                groups.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError) as exc:
+        return {"problems": problems + [f"{name}: unreadable tar ({exc})"], "patients": [], "positives": [0] * len(LABELS), "samples": 0}
+    metas = []
+    for key, parts in groups.items():
+        if set(parts) != {"json", fmt}:
+            problems.append(f"{name}/{key}: has parts {sorted(parts)}, expected json and {fmt}")
+            continue
+        try:
+            meta = json.loads(parts["json"])
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            problems.append(f"{name}/{key}: json does not parse ({exc})")
+            continue
+        labels = meta.get("labels", [])
+        if len(labels) != len(LABELS) or any(v not in (0, 1) for v in labels):
+            problems.append(f"{name}/{key}: label vector {labels} is not {len(LABELS)} zeros/ones")
+        if meta.get("split") != split or Path(meta.get("image", "")).stem != key:
+            problems.append(f"{name}/{key}: json says split {meta.get('split')!r} image {meta.get('image')!r}")
+        try:
+            decode_gray8(parts[fmt])
+        except ImageDecodeError as exc:
+            problems.append(f"{name}/{key}: image does not decode ({exc})")
+        metas.append(meta)
+    if len(groups) != entry["samples"]:
+        problems.append(f"{name}: {len(groups)} samples, manifest says {entry['samples']}")
+    return {
+        "problems": problems,
+        "patients": sorted({m["patient_id"] for m in metas}),
+        "positives": _positives(metas),
+        "samples": len(metas),
+    }
+
+
+def verify_shards(shard_dir: str | os.PathLike, workers: int = 1) -> dict:
+    """Re-check everything the manifest claims. Returns {"ok", "problems", "samples"}."""
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    fmt = manifest["image"]["format"]
+    jobs = [
+        (str(shard_dir / entry["name"]), entry, split, fmt)
+        for split, info in manifest["splits"].items()
+        for entry in info["shards"]
+    ]
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_verify_shard, jobs))
+    else:
+        results = [_verify_shard(job) for job in jobs]
+    problems = [p for r in results for p in r["problems"]]
+    patient_ids, split_of = [], []
+    for (_, _, split, _), result in zip(jobs, results):
+        patient_ids += result["patients"]
+        split_of += [split] * len(result["patients"])
+    try:
+        check_no_leakage(pd.Series(patient_ids, dtype="int64"), pd.Series(split_of, dtype="object"))
+    except ChexdistError as exc:
+        problems.append(str(exc))
+    for split, info in manifest["splits"].items():
+        mine = [r for (_, _, s, _), r in zip(jobs, results) if s == split]
+        positives = np.sum([r["positives"] for r in mine], axis=0).tolist() if mine else [0] * len(LABELS)
+        if dict(zip(LABELS, positives)) != info["positives"]:
+            problems.append(f"{split}: positives per label differ from the manifest")
+        if len({p for r in mine for p in r["patients"]}) != info["patients"]:
+            problems.append(f"{split}: patient count differs from the manifest")
+    return {"ok": not problems, "problems": problems, "samples": sum(r["samples"] for r in results), "shards": len(jobs)}
+
+
+def format_info(manifest: dict) -> str:
+    """A plain-text table of splits, patients and prevalence for `chexdist shards info`."""
+    splits = [s for s in SPLITS if s in manifest["splits"]]
+    lines = [
+        f"format {manifest['image']['format']}, size {manifest['image']['size']}, "
+        f"split {manifest['split']['method']} (seed {manifest['split']['seed']}), "
+        f"source {manifest['source']['csv']}, errors {manifest['errors']}",
+        "",
+        f"{'':20s}" + "".join(f"{s:>16s}" for s in splits),
+    ]
+
+    def row(title: str, values: list[str]) -> None:
+        lines.append(f"{title:20s}" + "".join(f"{v:>16s}" for v in values))
+
+    row("images", [str(manifest["splits"][s]["samples"]) for s in splits])
+    row("patients", [str(manifest["splits"][s]["patients"]) for s in splits])
+    row("shards", [str(len(manifest["splits"][s]["shards"])) for s in splits])
+    for label in manifest["labels"]:
+        cells = []
+        for s in splits:
+            n, pos = manifest["splits"][s]["samples"], manifest["splits"][s]["positives"][label]
+            cells.append(f"{pos} ({100 * pos / n:.1f}%)" if n else "0")
+        row(label, cells)
+    return "\n".join(lines)
