@@ -1,0 +1,542 @@
+"""One dataclass config for every run: defaults < recipe YAML < --config file < --set overrides.
+
+Every value is coerced to its field's type and range-checked when it is set, so an impossible run
+is refused before any data is read. The section/key names are a public contract (DESIGN.md,
+"Names that other tools rely on"): add keys, never rename them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import os
+import re
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from chexdist import __version__
+from chexdist.errors import ChexdistError
+from chexdist.io import atomic_write_text
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+LossName = Literal["bce", "wbce", "focal"]
+OptimName = Literal["adam", "adamw", "sgd"]
+SchedName = Literal["plateau", "cosine", "step", "none"]
+AugPreset = Literal["none", "flip", "dannynet", "strong"]
+HeadName = Literal["linear", "dense_bn"]
+Precision = Literal["no", "bf16", "fp16"]
+ThresholdMetric = Literal["f1"]
+
+
+def _f(default: Any, **limits: Any) -> Any:
+    """A dataclass field whose metadata carries its limits: ge/gt/le/lt, length (lists), nonempty."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=limits)
+    return field(default=default, metadata=limits)
+
+
+@dataclass
+class DataConfig:
+    """Input pipeline. Eval images are Resize(eval_resize) then CenterCrop(image_size)."""
+
+    shards: str = ""
+    image_size: int = _f(224, ge=16)
+    eval_resize: int = _f(256, ge=16)
+    batch_size: int = _f(16, ge=1)
+    eval_batch_size: int = _f(0, ge=0)  # 0 = 2 * batch_size
+    num_workers: int = _f(2, ge=0)
+    shuffle_buffer: int = _f(1000, ge=0)
+    max_train_batches: int = _f(0, ge=0)  # 0 = full epoch; >0 caps an epoch for smoke tests/benchmarks
+
+
+@dataclass
+class ModelConfig:
+    """Backbone (timm name or densenet121) and classifier head; pretrained is a local file, never a download."""
+
+    name: str = _f("densenet121", nonempty=True)
+    pretrained: str | None = None
+    drop_rate: float = _f(0.0, ge=0, lt=1)
+    head: HeadName = "linear"
+
+
+@dataclass
+class LossConfig:
+    """gamma and alpha are used by focal loss only."""
+
+    name: LossName = "bce"
+    gamma: float = _f(2.0, ge=0)
+    alpha: float | None = _f(None, ge=0)
+
+
+@dataclass
+class OptimConfig:
+    """momentum/nesterov apply to sgd, betas to adam/adamw."""
+
+    name: OptimName = "adam"
+    lr: float = _f(1e-3, gt=0)
+    weight_decay: float = _f(0.0, ge=0)
+    momentum: float = _f(0.9, ge=0, lt=1)
+    betas: list[float] = _f([0.9, 0.999], ge=0, lt=1, length=2)
+    nesterov: bool = False
+
+
+@dataclass
+class SchedConfig:
+    """plateau steps on val loss (patience/factor); step uses step_size (epochs) and factor."""
+
+    name: SchedName = "plateau"
+    patience: int = _f(1, ge=0)
+    factor: float = _f(0.1, gt=0, lt=1)
+    step_size: int = _f(10, ge=1)
+    min_lr: float = _f(0.0, ge=0)
+    warmup_epochs: int = _f(0, ge=0)
+
+
+@dataclass
+class AugConfig:
+    """Named presets; the numbers parametrize dannynet (jitter, crop) and strong (all of them).
+
+    scale_min is RandomResizedCrop's lower area bound. The default 0.5 keeps at least half the
+    image, because findings such as cardiomegaly need the whole chest; torchvision's 0.08 (an
+    ImageNet choice) is used only where a paper used RandomResizedCrop with its defaults.
+    """
+
+    preset: AugPreset = "flip"
+    brightness: float = _f(0.1, ge=0)
+    contrast: float = _f(0.1, ge=0)
+    scale_min: float = _f(0.5, gt=0, le=1)
+    degrees: float = _f(10.0, ge=0, le=180)
+    translate: float = _f(0.05, ge=0, lt=1)
+
+
+@dataclass
+class TrainConfig:
+    """Loop control. early_stop_patience counts epochs without a better val mean AUC (0 = off)."""
+
+    epochs: int = _f(3, ge=1)
+    precision: Precision = "no"
+    grad_accum: int = _f(1, ge=1)
+    grad_clip: float = _f(0.0, ge=0)  # max grad norm; 0 = off
+    early_stop_patience: int = _f(0, ge=0)
+    seed: int = _f(0, ge=0)
+    checkpoint_every: int = _f(0, ge=0)  # optimizer steps; 0 = end of each epoch only
+    keep_checkpoints: int = _f(3, ge=1)
+    deterministic: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Per-class thresholds are tuned on val by threshold_metric; CIs resample patients (bootstrap 0 = off)."""
+
+    threshold_metric: ThresholdMetric = "f1"
+    bootstrap: int = _f(1000, ge=0)
+    ci_level: float = _f(0.95, gt=0, lt=1)
+
+
+@dataclass
+class Config:
+    """The whole run. `recipe` records which recipe the run started from (a label, not re-applied)."""
+
+    recipe: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name != "recipe")
+
+
+def config_keys() -> list[str]:
+    """Every settable 'section.key', in declaration order (for docs, tune spaces and checks)."""
+    return [f"{s}.{k}" for s in SECTIONS for k in _section_fields(s)]
+
+
+# YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 scalars: only true/false are booleans (`precision: no` stays "no") and 1e-4 is a float."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style sections with short lists such as betas kept on one line."""
+
+
+_Dumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML the way config files are parsed (use it for tune spaces too: `no` stays a string)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def load_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
+    """Read and parse a YAML file; errors are one line naming the file (and line when known)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ChexdistError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ChexdistError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise ChexdistError(f"{what} {path}{where}: {problem}") from None
+
+
+# Coercion and validation
+
+
+def _section_fields(section: str) -> dict[str, dataclasses.Field]:
+    cls = _SECTION_TYPES[section]
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+_SECTION_TYPES: dict[str, type] = {name: get_type_hints(Config)[name] for name in SECTIONS}
+_FIELD_TYPES: dict[str, dict[str, Any]] = {s: get_type_hints(cls) for s, cls in _SECTION_TYPES.items()}
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _lookup(section: Any, key: Any) -> dataclasses.Field:
+    """The field for section.key, or a ChexdistError listing what exists."""
+    dotted = f"{section}.{key}"
+    if section not in _SECTION_TYPES:
+        close = difflib.get_close_matches(str(section), SECTIONS, n=1)
+        hint = f" (did you mean '{close[0]}.{key}'?)" if close else ""
+        raise ChexdistError(f"unknown config key {dotted!r}{hint}; sections: {', '.join(SECTIONS)}")
+    fields = _section_fields(section)
+    if key not in fields:
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
+        raise ChexdistError(f"unknown config key {dotted!r}{hint}; {section} keys: {', '.join(fields)}")
+    return fields[key]
+
+
+_NULL_WORDS = {"", "null", "none", "~"}
+_TRUE_WORDS = {"true", "yes", "on", "1"}
+_FALSE_WORDS = {"false", "no", "off", "0"}
+
+
+def _coerce(key: str, value: Any, tp: Any, limits: Mapping[str, Any]) -> Any:
+    """Return value as type tp within limits, or raise a one-line error naming key."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NULL_WORDS):
+            return None
+        return _coerce(key, value, inner[0], limits)
+    if origin is Literal:
+        choices = get_args(tp)
+        if isinstance(value, bool):
+            raise ChexdistError(
+                f"config key {key!r}: got boolean {_show(value)}, expected one of {', '.join(choices)}"
+                " (a YAML 1.1 reader turns bare no/off into false; quote it)"
+            )
+        if isinstance(value, str) and value.strip().lower() in choices:
+            return value.strip().lower()
+        raise ChexdistError(f"config key {key!r}: {_show(value)} is not one of {', '.join(choices)}")
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ChexdistError(f"config key {key!r}: expected a list like [0.9, 0.999], got {_show(value)}")
+        length = limits.get("length")
+        if length is not None and len(value) != length:
+            raise ChexdistError(f"config key {key!r}: expected {length} values, got {len(value)}")
+        return [_coerce(key, v, item_tp, limits) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
+            return value.strip().lower() in _TRUE_WORDS
+        raise ChexdistError(f"config key {key!r}: expected true or false, got {_show(value)}")
+    if tp is int:
+        number = _number(key, value, "an integer")
+        if isinstance(number, float):
+            if not number.is_integer():
+                raise ChexdistError(f"config key {key!r}: expected an integer, got {_show(value)}")
+            number = int(number)
+        return _check_range(key, number, limits)
+    if tp is float:
+        return _check_range(key, float(_number(key, value, "a number")), limits)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ChexdistError(f"config key {key!r}: expected a string, got {_show(value)}")
+        if limits.get("nonempty") and not value.strip():
+            raise ChexdistError(f"config key {key!r}: must not be empty")
+        return value
+    raise TypeError(f"unsupported config field type {tp!r} for {key}")
+
+
+def _number(key: str, value: Any, expected: str) -> int | float:
+    if isinstance(value, bool):
+        raise ChexdistError(f"config key {key!r}: expected {expected}, got {_show(value)}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ChexdistError(f"config key {key!r}: expected {expected}, got {_show(value)}") from None
+    if not isinstance(value, (int, float)):
+        raise ChexdistError(f"config key {key!r}: expected {expected}, got {_show(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ChexdistError(f"config key {key!r}: expected a finite number, got {_show(value)}")
+    return value
+
+
+_OPS = {
+    "ge": (">=", lambda a, b: a >= b),
+    "gt": (">", lambda a, b: a > b),
+    "le": ("<=", lambda a, b: a <= b),
+    "lt": ("<", lambda a, b: a < b),
+}
+
+
+def _check_range(key: str, value: int | float, limits: Mapping[str, Any]) -> int | float:
+    bounds = [(sym, bound, ok) for name, (sym, ok) in _OPS.items() if (bound := limits.get(name)) is not None]
+    if not all(ok(value, bound) for _, bound, ok in bounds):
+        rule = " and ".join(f"{sym} {bound}" for sym, bound, _ in bounds)
+        raise ChexdistError(f"config key {key!r}: {_show(value)} is out of range (must be {rule})")
+    return value
+
+
+def _set(cfg: Config, section: Any, key: Any, value: Any) -> None:
+    f = _lookup(section, key)
+    tp = _FIELD_TYPES[section][key]
+    setattr(getattr(cfg, section), key, _coerce(f"{section}.{key}", value, tp, f.metadata))
+
+
+def _check_cross(cfg: Config) -> None:
+    """Rules that involve two keys; each names the key to change."""
+    if cfg.data.eval_resize < cfg.data.image_size:
+        raise ChexdistError(
+            f"config key 'data.eval_resize': {cfg.data.eval_resize} is smaller than data.image_size "
+            f"{cfg.data.image_size} (eval center-crops image_size from it); "
+            f"set data.eval_resize >= {cfg.data.image_size}"
+        )
+    if cfg.optim.name == "sgd" and cfg.optim.nesterov and cfg.optim.momentum == 0:
+        raise ChexdistError("config key 'optim.nesterov': true needs optim.momentum > 0 with sgd")
+    if cfg.sched.name == "plateau" and cfg.sched.warmup_epochs:
+        raise ChexdistError(
+            "config key 'sched.warmup_epochs': warmup is not supported with sched.name=plateau; use cosine or step"
+        )
+    if cfg.sched.min_lr > cfg.optim.lr:
+        raise ChexdistError(
+            f"config key 'sched.min_lr': {_show(cfg.sched.min_lr)} is larger than optim.lr {_show(cfg.optim.lr)}"
+        )
+
+
+def validate_config(cfg: Config) -> Config:
+    """Re-check every field and cross-key rule in place (for configs edited in code); returns cfg."""
+    if not isinstance(cfg.recipe, str):
+        raise ChexdistError(f"config key 'recipe': expected a string, got {_show(cfg.recipe)}")
+    for section in SECTIONS:
+        for key in _section_fields(section):
+            _set(cfg, section, key, getattr(getattr(cfg, section), key))
+    _check_cross(cfg)
+    return cfg
+
+
+def _apply_mapping(cfg: Config, data: Any, source: str | None) -> str | None:
+    """Apply {section: {key: value}} onto cfg; return the mapping's `recipe` label if any."""
+    try:
+        if not isinstance(data, Mapping):
+            raise ChexdistError(
+                f"expected a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}"
+            )
+        label = data.get("recipe")
+        if label is not None and not isinstance(label, str):
+            raise ChexdistError(f"config key 'recipe': expected a string, got {_show(label)}")
+        for section, values in data.items():
+            if section == "recipe":
+                continue
+            if section not in _SECTION_TYPES:
+                hint = _suggest(str(section), SECTIONS)
+                raise ChexdistError(f"unknown config section {section!r}{hint}; sections: {', '.join(SECTIONS)}")
+            if values is None:
+                continue
+            if not isinstance(values, Mapping):
+                raise ChexdistError(f"config section {section!r} must be a mapping of keys, got {_show(values)}")
+            for key, value in values.items():
+                _set(cfg, section, key, value)
+        return label
+    except ChexdistError as e:
+        if source is None:
+            raise
+        raise ChexdistError(f"{source}: {e}") from None
+
+
+# Overrides
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Split 'section.key=value' and parse value as YAML (so 1e-4, true, null and [0.9, 0.99] work)."""
+    form = "use --set section.key=value, e.g. --set optim.lr=1e-4"
+    if not isinstance(text, str) or "=" not in text:
+        raise ChexdistError(f"malformed override {text!r}; {form}")
+    dotted, raw = text.split("=", 1)
+    section, dot, key = dotted.strip().partition(".")
+    if not dot or not section or not key or "." in key:
+        if dotted.strip() == "recipe":
+            raise ChexdistError("the recipe is chosen with --recipe NAME, not --set")
+        raise ChexdistError(f"malformed override {text!r}; {form}")
+    _lookup(section, key)
+    plain = _plain_types(_FIELD_TYPES[section][key])
+    text = raw.strip()
+    try:
+        value = parse_yaml(text) if text else None
+    except yaml.YAMLError:
+        value = text
+    if str in plain and not isinstance(value, str) and not (value is None and type(None) in plain):
+        value = text
+    return section, key, value
+
+
+def _plain_types(tp: Any) -> tuple[Any, ...]:
+    return get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+
+
+def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | Iterable[str]) -> Config:
+    """A validated copy of cfg with overrides applied.
+
+    overrides is either 'section.key=value' strings (CLI --set) or a mapping {'section.key': value}
+    with Python values (Ray Tune trial parameters).
+    """
+    out = copy.deepcopy(cfg)
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    if isinstance(overrides, Mapping):
+        for dotted, value in overrides.items():
+            section, dot, key = str(dotted).partition(".")
+            if not dot:
+                raise ChexdistError(f"malformed override key {dotted!r}; use 'section.key', e.g. 'optim.lr'")
+            _set(out, section, key, value)
+    else:
+        for item in overrides:
+            _set(out, *parse_override(item))
+    _check_cross(out)
+    return out
+
+
+# Recipes and loading
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipes shipped in chexdist/recipes/."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(recipe: str) -> Path:
+    """A shipped recipe's file, or recipe itself when it is a path to a YAML file."""
+    if recipe in available_recipes():
+        return RECIPES_DIR / f"{recipe}.yaml"
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml") or os.sep in recipe or "/" in recipe:
+        if path.is_file():
+            return path
+        raise ChexdistError(f"recipe file not found: {recipe}")
+    raise ChexdistError(
+        f"unknown recipe {recipe!r}{_suggest(recipe, available_recipes())}; "
+        f"available: {', '.join(available_recipes())}, or a path to a .yaml recipe"
+    )
+
+
+def load_config(
+    recipe: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    overrides: Iterable[str] = (),
+) -> Config:
+    """Build the run's config: dataclass defaults < recipe < config_file < overrides, all validated.
+
+    A `recipe:` entry inside a file is only a label (used when no recipe is given); it is never
+    applied, so a saved run config.yaml reloads to exactly the same values.
+    """
+    cfg = Config()
+    if recipe:
+        path = recipe_path(recipe)
+        name = recipe if recipe in available_recipes() else path.stem
+        _apply_mapping(cfg, load_yaml(path, "recipe") or {}, f"recipe {name!r} ({path})")
+        cfg.recipe = name
+    if config_file is not None:
+        label = _apply_mapping(cfg, load_yaml(config_file, "config file") or {}, f"config file {config_file}")
+        if not recipe and label:
+            cfg.recipe = label
+    return apply_overrides(cfg, overrides)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain dict (JSON/YAML-safe) with `recipe` first, then the sections."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: Mapping[str, Any]) -> Config:
+    """Restore a validated Config from config_to_dict output (config.yaml, best.json["config"]).
+
+    Keys missing from d keep their defaults, so runs saved before a key was added still load.
+    """
+    cfg = Config()
+    label = _apply_mapping(cfg, d, None)
+    cfg.recipe = label or ""
+    _check_cross(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text of the config, for logs and config.yaml."""
+    return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write config.yaml atomically; `load_config(config_file=path)` gives back an equal Config."""
+    header = f"# chexdist {__version__} run config; reload with --config {Path(path).name}\n"
+    atomic_write_text(path, header + dump_config(cfg))
