@@ -61,10 +61,112 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_info(args: argparse.Namespace) -> int:
-    from chexdist.pack import format_info, read_manifest
+    from chexdist.data import load_manifest
+    from chexdist.pack import format_info
 
-    manifest = read_manifest(args.path)
+    manifest = load_manifest(args.path)
     print(json.dumps(manifest, indent=2) if args.json else format_info(manifest))
+    return 0
+
+
+def launch_command(nproc: int, script_args: list[str], cpu: bool) -> tuple[list[str], dict[str, str]]:
+    """`accelerate launch` for N local processes. On CPU, accelerate 1.x starts N processes only as
+    `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu` (`--cpu --num_processes N` starts one)."""
+    import socket
+
+    from chexdist import train
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+           "--num_machines", "1", "--main_process_port", str(port), "--dynamo_backend", "no",
+           train.__file__, *script_args]
+    return cmd, env
+
+
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["--out", str(args.out)]
+    for flag in ("recipe", "config", "shards"):
+        if getattr(args, flag):
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    for override in args.overrides:
+        argv += ["--set", override]
+    if args.resume:
+        argv += ["--resume", args.resume]
+    if args.no_progress:
+        argv.append("--no-progress")
+    return argv
+
+
+def run_training(args: argparse.Namespace) -> int:
+    """Validate the config in this process (refusing bad input before any worker starts), then train
+    here (1 process) or through `accelerate launch` (N processes)."""
+    import subprocess
+
+    import torch
+
+    from chexdist.train import resolve_config, training_function
+
+    config = resolve_config(args)
+    if args.nproc == 1:
+        return training_function(config, args)
+    cmd, env = launch_command(args.nproc, _train_argv(args), cpu=not torch.cuda.is_available())
+    return subprocess.run(cmd, env=env).returncode
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    return run_training(args)
+
+
+DEMO_MARKER = ".chexdist-demo"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Synthetic NIH-format data -> shards -> 2-process CPU DDP training -> per-class val AUROC."""
+    import shutil
+    import time
+    from pathlib import Path
+
+    from chexdist.pack import PackSettings, pack_dataset
+    from chexdist.synth import make_synthetic_nih
+    from chexdist.train import add_train_arguments
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        if not (out / DEMO_MARKER).is_file():
+            raise ChexdistError(f"{out}: exists and is not an earlier demo's folder; pass another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / DEMO_MARKER).write_text("made by chexdist demo; safe to delete\n")
+    started = time.perf_counter()
+    print(f"[1/3] synth: {args.images} NIH-format images -> {out / 'nih'}")
+    make_synthetic_nih(out / "nih", images=args.images, size=96, seed=args.seed)
+    print(f"[2/3] pack: {out / 'shards'}")
+    pack_dataset(out / "nih", out / "shards", PackSettings(split="official", size=72, shard_size=128),
+                 workers=min(2, _default_workers()), progress=False)
+    print(f"[3/3] train: recipe tiny, {args.nproc} process(es)")
+    train_parser = argparse.ArgumentParser()
+    add_train_arguments(train_parser)
+    train_args = train_parser.parse_args(
+        ["--recipe", "tiny", "--shards", str(out / "shards"), "--out", str(out / "run"), "--no-progress",
+         "--set", f"train.epochs={args.epochs}"]
+    )
+    train_args.nproc = args.nproc
+    code = run_training(train_args)
+    if code:
+        return code
+    info = json.loads((out / "run" / "best.json").read_text())
+    metrics = info["val_metrics"]
+    print(f"\n{'finding':20s}{'val AUROC':>10s}{'val F1':>8s}{'threshold':>11s}")
+    for label, auc in metrics["val_auc"].items():
+        print(f"{label:20s}{auc:10.3f}{metrics['val_f1'][label]:8.3f}{info['thresholds'][label]:11.3f}")
+    print(f"{'mean':20s}{metrics['val_auc_mean']:10.3f}{metrics['val_f1_mean']:8.3f}")
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f}s: best epoch {info['epoch']}, "
+          f"run folder {out / 'run'}")
     return 0
 
 
@@ -107,6 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print the whole manifest")
     p.set_defaults(func=cmd_shards_info)
+
+    from chexdist.train import add_train_arguments
+
+    p = sub.add_parser("train", help="train (N local processes without knowing accelerate's flags)")
+    add_train_arguments(p)
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (GPUs, or CPU processes)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="synthetic data -> shards -> 2-process DDP training -> per-class AUROC")
+    p.add_argument("--out", default="chexdist-demo", help="demo folder (replaced if an earlier demo made it)")
+    p.add_argument("--images", type=int, default=2400)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

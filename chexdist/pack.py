@@ -23,15 +23,14 @@ import pandas as pd
 
 from chexdist import __version__
 from chexdist.errors import ChexdistError
+from chexdist.data import FORMAT_VERSION, MANIFEST, load_manifest
 from chexdist.images import ImageDecodeError, decode_gray8, encode, load_gray8, resize_shorter
 from chexdist.io import atomic_write_json, atomic_write_text, sha256_file
-from chexdist.labels import LABELS, check_labels
+from chexdist.labels import LABELS
 from chexdist.nih import NihRelease, load_release
 from chexdist.splits import METHODS, SPLITS, assign_split, check_no_leakage
 
-FORMAT_VERSION = 1
 FORMATS = ("png", "jpg")
-MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
 STATE_DIR = ".pack"
 
@@ -318,20 +317,6 @@ def _build_manifest(release: NihRelease, settings: PackSettings, source_sha: str
     }
 
 
-def read_manifest(shard_dir: str | os.PathLike) -> dict:
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
-        raise ChexdistError(f"{path}: no manifest; pack the data first (chexdist pack) or let it finish")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ChexdistError(f"{path}: not valid JSON ({exc})") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ChexdistError(f"{path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
-    check_labels(manifest["labels"], source=str(path))
-    return manifest
-
-
 def _verify_shard(args: tuple[str, dict, str, str]) -> dict:
     """Worker stage: re-hash and fully decode one shard."""
     path, entry, split, fmt = args
@@ -386,7 +371,7 @@ def _verify_shard(args: tuple[str, dict, str, str]) -> dict:
 def verify_shards(shard_dir: str | os.PathLike, workers: int = 1) -> dict:
     """Re-check everything the manifest claims. Returns {"ok", "problems", "samples"}."""
     shard_dir = Path(shard_dir)
-    manifest = read_manifest(shard_dir)
+    manifest = load_manifest(shard_dir)
     fmt = manifest["image"]["format"]
     jobs = [
         (str(shard_dir / entry["name"]), entry, split, fmt)

@@ -1,0 +1,51 @@
+"""Loader bench smoke test on tiny images: the JSON contract, not the timings."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from chexdist.bench import SUITES, run_suite
+from chexdist.errors import ChexdistError
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
+
+KEYS = {
+    "bench", "format", "ours_img_s", "baseline_img_s", "ratio", "workers", "images", "batch_size",
+    "ours_cpu_ms", "baseline_cpu_ms", "cpu_ratio", "ours_u8_img_s", "ratio_u8", "cpu_ratio_u8",
+    "decode_only_img_s", "decode_only_cpu_ms", "stream_1proc_img_s", "stream_1proc_cpu_ms",
+    "stream_overhead", "shard_px", "shard_bytes", "cpus",
+}
+POSITIVE = KEYS - {"bench", "format", "stream_overhead", "cpus"}
+
+
+def test_loader_bench_prints_one_json_line_per_format(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 48), dtype=np.uint8)).save(images / f"x{i}.png")
+    (images / "notes.txt").write_text("not an image")
+    out = io.StringIO()
+    results = run_suite("loader", out=out, images=images, count=10, workers=1, batch_size=4, size=32,
+                        image_size=16, eval_resize=20, repeats=1, work_dir=tmp_path)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert lines == results and [r["format"] for r in lines] == ["png", "jpg"]
+    for r in lines:
+        assert set(r) == KEYS and r["bench"] == "loader" and r["images"] == 10 and r["workers"] == 1
+        assert all(isinstance(r[k], (int, float)) and r[k] > 0 for k in POSITIVE), r
+        assert r["stream_overhead"] > -1
+    assert list(tmp_path.iterdir()) == [images]
+
+
+def test_bench_refuses_bad_input(tmp_path):
+    assert "loader" in SUITES
+    with pytest.raises(ChexdistError, match="unknown bench 'gpu'; choose one of loader"):
+        run_suite("gpu")
+    with pytest.raises(ChexdistError, match="no .png/.jpg images"):
+        run_suite("loader", images=tmp_path)
+    with pytest.raises(ChexdistError, match="not a directory"):
+        run_suite("loader", images=tmp_path / "missing")

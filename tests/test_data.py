@@ -1,0 +1,422 @@
+"""Streaming loaders on real tar shards: equal batches per rank, exact-once eval, exact resume, counted skips."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from chexdist.data import (
+    build_eval_loader,
+    build_train_loader,
+    iter_tar,
+    load_manifest,
+    resolve,
+    shard_urls,
+)
+from chexdist.errors import ChexdistError
+from chexdist.labels import LABELS
+from chexdist.transforms import build_transform
+
+EVAL = build_transform("none", image_size=8, eval_resize=10, train=False)
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
+
+AUGMENT = build_transform("strong", image_size=8, eval_resize=10, train=True)
+
+
+def identity_labels(number: int) -> list[int]:
+    """Sample number as 14 bits, so a train batch's labels tell which samples it holds."""
+    return [(number >> bit) & 1 for bit in range(len(LABELS))]
+
+
+def numbers_of(labels: torch.Tensor) -> list[int]:
+    weights = torch.tensor([1 << bit for bit in range(len(LABELS))], dtype=torch.float64)
+    return (labels.double() @ weights).long().tolist()
+
+
+def png(seed: int, h: int = 20, w: int = 24) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_shards(root: Path, layout: dict[str, list[int]], bad: dict[int, str] | None = None) -> dict[str, list[str]]:
+    """Shards in the chexdist format; sample n of the whole set has labels identity_labels(n).
+
+    `bad` maps a sample number to 'image' (undecodable bytes) or 'json' (no json part).
+    Returns split -> keys in manifest order.
+    """
+    bad = bad or {}
+    root.mkdir(parents=True, exist_ok=True)
+    number, keys, splits = 0, {}, {}
+    for split, sizes in layout.items():
+        keys[split], shards = [], []
+        for index, size in enumerate(sizes):
+            name = f"{split}-{index:06d}.tar"
+            with wds.TarWriter(str(root / name)) as sink:
+                for _ in range(size):
+                    key = f"{number + 1:08d}_000"
+                    meta = {
+                        "image": f"{key}.png", "labels": identity_labels(number), "patient_id": number + 1,
+                        "follow_up": 0, "age": 50, "sex": "F", "view": "PA", "orig_size": [24, 20],
+                        "pixel_spacing": [0.14, 0.14], "split": split,
+                    }
+                    sample = {"__key__": key, "png": b"not a png" if bad.get(number) == "image" else png(number)}
+                    if bad.get(number) != "json":
+                        sample["json"] = json.dumps(meta).encode()
+                    sink.write(sample)
+                    keys[split].append(key)
+                    number += 1
+            shards.append({"name": name, "samples": size, "sha256": "-", "bytes": (root / name).stat().st_size})
+        splits[split] = {"samples": sum(sizes), "patients": sum(sizes), "positives": {}, "shards": shards}
+    manifest = {
+        "format_version": 1, "chexdist_version": "test", "labels": list(LABELS),
+        "image": {"size": 20, "format": "png", "quality": None}, "split": {"method": "random", "seed": 0},
+        "shard_size": 12, "errors": 0, "source": {}, "splits": splits,
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return keys
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
+    """Odd totals, unequal shards, an empty shard, fewer shards than ranks x workers."""
+    root = tmp_path_factory.mktemp("uneven")
+    return root, write_shards(root, {"train": [7, 3, 12, 1], "val": [5, 0, 4], "test": [1]})
+
+
+def collect_train(loader) -> tuple[list[torch.Tensor], list[int]]:
+    images, numbers = [], []
+    for x, y in loader:
+        assert x.shape[1:] == (3, 8, 8) and x.dtype == torch.float32 and y.shape[1] == len(LABELS)
+        images.append(x)
+        numbers += numbers_of(y)
+    return images, numbers
+
+
+# ---------------------------------------------------------------- manifest and locations
+
+
+def test_manifest_missing_label_order_and_split(tmp_path, uneven):
+    with pytest.raises(ChexdistError, match="no manifest"):
+        load_manifest(tmp_path)
+    manifest = json.loads((uneven[0] / "manifest.json").read_text())
+    manifest["labels"] = list(reversed(LABELS))
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ChexdistError, match="label order"):
+        load_manifest(tmp_path)
+    manifest["labels"], manifest["format_version"] = list(LABELS), 7
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ChexdistError, match="format_version"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ChexdistError, match="not valid JSON"):
+        load_manifest(tmp_path)
+    with pytest.raises(ChexdistError, match="no split 'holdout'"):
+        shard_urls(uneven[0], "holdout")
+    with pytest.raises(ChexdistError, match="no split 'holdout'"):
+        build_eval_loader(uneven[0], "holdout", 4, EVAL, 0, 1, 0)
+
+
+def test_locations():
+    assert resolve("shards/nih", "train-000000.tar") == "shards/nih/train-000000.tar"
+    assert resolve("pipe:aws s3 cp s3://b/nih/{name} -", "val-000001.tar") == "pipe:aws s3 cp s3://b/nih/val-000001.tar -"
+    assert resolve("https://host/nih/", "manifest.json") == "https://host/nih/manifest.json"
+    with pytest.raises(ChexdistError, match="placeholder"):
+        resolve("pipe:cat shards/nih", "manifest.json")
+
+
+def test_pipe_template_streams_like_a_directory(uneven):
+    root, keys = uneven
+    template = f"pipe:cat {root}/{{name}}"
+    assert shard_urls(template, "val") == [f"pipe:cat {root}/val-00000{i}.tar" for i in range(3)]
+    found = []
+    for rank in range(2):
+        loader, n = build_eval_loader(template, "val", 2, EVAL, 0, 2, rank)
+        found += [k for b in loader for k, v in zip(b.keys, b.valid) if v]
+        assert n == 3
+    assert found == keys["val"]
+    assert [s["__key__"] for s in iter_tar(f"pipe:cat {root}/train-000002.tar", 10, 1)] == keys["train"][20:21]
+
+
+def test_iter_tar_skip_take(uneven):
+    root, keys = uneven
+    url = str(root / "train-000002.tar")
+    assert [s["__key__"] for s in iter_tar(url, 4, 5)] == keys["train"][10 + 4 : 10 + 9]
+    assert [s["__key__"] for s in iter_tar(url, 9)] == keys["train"][19:22]
+    assert all({"json", "png"} <= set(s) for s in iter_tar(url))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_iter_tar_reads_long_names_and_skips_other_members(tmp_path, fmt):
+    deep = "d" * 90 + "/" + "e" * 60
+    path = tmp_path / "x.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        folder = tarfile.TarInfo("sub")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for key, ext, data in [("a", "json", b"{}"), ("a", "png", b"x" * 700), (f"{deep}/b", "json", b"[1]"), (f"{deep}/b", "jpg", b"")]:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    samples = list(iter_tar(str(path)))
+    assert [s["__key__"] for s in samples] == ["a", f"{deep}/b"]
+    assert samples[0]["png"] == b"x" * 700 and samples[1]["json"] == b"[1]" and samples[1]["jpg"] == b""
+    assert [s["__key__"] for s in iter_tar(str(path), 1)] == [f"{deep}/b"]
+
+
+def test_iter_tar_refuses_corrupt_headers(tmp_path, uneven):
+    data = bytearray((uneven[0] / "val-000000.tar").read_bytes())
+    data[0] ^= 0xFF
+    (tmp_path / "bad.tar").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        list(iter_tar(str(tmp_path / "bad.tar")))
+    (tmp_path / "cut.tar").write_bytes(bytes((uneven[0] / "val-000000.tar").read_bytes()[:1200]))
+    with pytest.raises(ValueError, match="unexpected end|truncated"):
+        list(iter_tar(str(tmp_path / "cut.tar")))
+
+
+# ---------------------------------------------------------------- train
+
+
+@pytest.mark.parametrize("world_size,num_workers,batch_size", [(1, 0, 4), (2, 0, 4), (3, 2, 2), (2, 2, 5)])
+def test_train_equal_batches_and_full_coverage(uneven, world_size, num_workers, batch_size):
+    root, keys = uneven
+    total = len(keys["train"])
+    expected = -(-total // (batch_size * world_size))
+    seen = []
+    for rank in range(world_size):
+        loader, n = build_train_loader(root, batch_size, EVAL, num_workers, world_size, rank, seed=3, epoch=0, shuffle_buffer=8)
+        images, numbers = collect_train(loader)
+        assert n == expected == len(loader) == len(images)
+        assert all(len(x) == batch_size for x in images)
+        seen += numbers
+    assert set(seen) == set(range(total))
+    assert len(seen) == expected * batch_size * world_size
+    assert len(seen) - len(set(seen)) < batch_size * world_size
+
+
+def test_train_shuffles_and_differs_by_epoch(uneven):
+    root, _ = uneven
+    orders = [collect_train(build_train_loader(root, 4, EVAL, 0, 1, 0, seed=0, epoch=e)[0])[1] for e in (0, 1)]
+    assert orders[0] != orders[1]
+    assert orders[0] != sorted(orders[0])
+
+
+def test_train_exact_resume_and_rng_isolation(uneven):
+    """Epoch 2 rebuilt after a 'restart' equals epoch 2 of an uninterrupted run, augmentation included."""
+    root, _ = uneven
+    torch.manual_seed(123)
+    uninterrupted = []
+    for epoch in range(3):
+        state = torch.get_rng_state()
+        loader, _ = build_train_loader(root, 4, AUGMENT, 0, 2, 1, seed=7, epoch=epoch, shuffle_buffer=5)
+        uninterrupted.append(collect_train(loader))
+        assert torch.equal(state, torch.get_rng_state()), "the loader must not consume the global torch RNG"
+        torch.randn(1000)
+    torch.manual_seed(999)
+    resumed = collect_train(build_train_loader(root, 4, AUGMENT, 0, 2, 1, seed=7, epoch=2, shuffle_buffer=5)[0])
+    assert resumed[1] == uninterrupted[2][1]
+    assert all(torch.equal(a, b) for a, b in zip(resumed[0], uninterrupted[2][0]))
+    assert not torch.equal(uninterrupted[1][0][0], uninterrupted[2][0][0])
+
+
+def test_train_workers_deterministic_and_single_threaded(uneven):
+    root, _ = uneven
+    runs = [collect_train(build_train_loader(root, 3, AUGMENT, 2, 1, 0, seed=1, epoch=4)[0]) for _ in range(2)]
+    assert runs[0][1] == runs[1][1]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
+    threads = build_transform("none", image_size=8, eval_resize=10, train=False)
+    threads.transforms.append(ThreadCount())
+    loader, _ = build_train_loader(root, 4, threads, 2, 1, 0, seed=0, epoch=0)
+    assert {float(x.max()) for x, _ in loader} == {1.0}
+
+
+class ThreadCount(torch.nn.Module):
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(image, float(torch.get_num_threads()))
+
+
+def test_train_spawn_matches_fork(uneven):
+    root, _ = uneven
+    args = (root, 4, AUGMENT, 1, 2, 0)
+    forked = collect_train(build_train_loader(*args, seed=5, epoch=1, multiprocessing_context="fork")[0])
+    spawned = collect_train(build_train_loader(*args, seed=5, epoch=1, multiprocessing_context="spawn")[0])
+    assert forked[1] == spawned[1]
+    assert all(torch.equal(a, b) for a, b in zip(forked[0], spawned[0]))
+
+
+def test_train_dataset_pickles(uneven):
+    loader, _ = build_train_loader(uneven[0], 4, AUGMENT, 0, 1, 0, seed=0, epoch=0)
+    clone = pickle.loads(pickle.dumps(loader.loader.dataset))
+    assert numbers_of(next(iter(clone))[1]) == collect_train(loader)[1][:4]
+
+
+def test_train_max_batches(uneven):
+    loader, n = build_train_loader(uneven[0], 2, EVAL, 0, 2, 1, seed=0, epoch=0, max_batches=2)
+    assert n == 2 and len(collect_train(loader)[0]) == 2
+
+
+def test_train_skips_are_counted_and_replaced(tmp_path, caplog):
+    keys = write_shards(tmp_path, {"train": [6, 6, 5]}, bad={1: "image", 8: "json"})
+    with open(tmp_path / "train-000002.tar", "r+b") as f:
+        f.truncate(1536)
+    total, skipped, seen = len(keys["train"]), 0, []
+    with caplog.at_level(logging.WARNING, logger="chexdist.data"):
+        for rank in range(2):
+            loader, n = build_train_loader(tmp_path, 4, EVAL, 0, 2, rank, seed=0, epoch=0)
+            images, numbers = collect_train(loader)
+            assert len(images) == n == 3
+            skipped += loader.skipped
+            seen += numbers
+    assert skipped >= 2 + 5
+    assert not {1, 8} & set(seen)
+    assert "skipped" in caplog.text and "00000002_000" in caplog.text
+
+
+def test_train_refuses_empty_split(tmp_path):
+    write_shards(tmp_path, {"train": [0], "val": [2]})
+    with pytest.raises(ChexdistError, match="no samples"):
+        build_train_loader(tmp_path, 4, EVAL, 0, 1, 0, seed=0, epoch=0)
+
+
+# ---------------------------------------------------------------- eval
+
+
+def eval_pass(root: Path, split: str, batch_size: int, world_size: int, num_workers: int):
+    keys, indices, counts = [], [], []
+    for rank in range(world_size):
+        loader, n = build_eval_loader(root, split, batch_size, EVAL, num_workers, world_size, rank)
+        batches = list(loader)
+        counts.append((n, len(batches)))
+        for b in batches:
+            assert b.images.shape == (batch_size, 3, 8, 8) and b.labels.shape == (batch_size, len(LABELS))
+            assert b.valid.dtype == torch.bool and len(b.keys) == batch_size
+            for row in range(batch_size):
+                if b.valid[row]:
+                    keys.append(b.keys[row])
+                    indices.append(int(b.index[row]))
+                    assert numbers_of(b.labels[row : row + 1]) == [int(b.patient_id[row]) - 1]
+                elif b.index[row] == -1:
+                    assert b.keys[row] == "" and not b.labels[row].any()
+    return keys, indices, counts
+
+
+@pytest.mark.parametrize("split,batch_size,world_size,num_workers", [
+    ("train", 4, 2, 0), ("train", 4, 2, 2), ("train", 5, 3, 2), ("val", 2, 2, 0), ("val", 4, 4, 2), ("test", 3, 2, 0),
+])
+def test_eval_every_sample_once_equal_batches(uneven, split, batch_size, world_size, num_workers):
+    root, expected = uneven
+    keys, indices, counts = eval_pass(root, split, batch_size, world_size, num_workers)
+    assert sorted(keys) == sorted(expected[split]) and len(keys) == len(set(keys))
+    assert sorted(indices) == list(range(len(expected[split])))
+    assert [expected[split][i] for i in indices] == keys
+    assert len({c for pair in counts for c in pair}) == 1
+
+
+def test_eval_unreadable_samples_are_masked_and_counted(tmp_path):
+    expected = write_shards(tmp_path, {"train": [1], "val": [4, 5, 2]}, bad={3: "image"})["val"]
+    with open(tmp_path / "val-000002.tar", "r+b") as f:
+        f.truncate(1536)
+    found, lost, skipped = [], [], 0
+    for rank in range(2):
+        loader, n = build_eval_loader(tmp_path, "val", 3, EVAL, 0, 2, rank)
+        batches = list(loader)
+        assert len(batches) == n == 2
+        skipped += loader.skipped
+        for b in batches:
+            found += [int(i) for i, v in zip(b.index, b.valid) if v]
+            lost += [int(i) for i, v in zip(b.index, b.valid) if not v and i >= 0]
+    assert skipped == len(lost) == 3
+    assert sorted(found + lost) == list(range(len(expected)))
+    assert 2 in lost
+
+
+def test_eval_on_packed_shards(synth_shards):
+    manifest = load_manifest(synth_shards)
+    keys = []
+    for split in ("val", "test"):
+        expected = []
+        for url in shard_urls(synth_shards, split, manifest):
+            with tarfile.open(url) as tar:
+                expected += list(dict.fromkeys(m.name.partition(".")[0] for m in tar))
+        got, counts = [], set()
+        for rank in range(2):
+            loader, n = build_eval_loader(synth_shards, split, 8, EVAL, 0, 2, rank, manifest=manifest)
+            batches = list(loader)
+            counts |= {n, len(batches)}
+            got += [(int(i), k) for b in batches for i, k, v in zip(b.index, b.keys, b.valid) if v]
+        assert len(counts) == 1
+        assert [k for _, k in sorted(got)] == expected
+        keys += expected
+    train, n = build_train_loader(synth_shards, 8, AUGMENT, 0, 2, 0, seed=0, epoch=0, manifest=manifest)
+    assert len(list(train)) == n == -(-manifest["splits"]["train"]["samples"] // 16)
+    assert len(keys) == len(set(keys))
+
+
+def test_normalize_on_device_matches_normalize_in_loader(uneven):
+    root, _ = uneven
+    full, n = build_train_loader(root, 4, AUGMENT, 2, 1, 0, seed=2, epoch=0)
+    raw, _ = build_train_loader(root, 4, AUGMENT, 2, 1, 0, seed=2, epoch=0, normalize_in_loader=False)
+    for (x, y), (u, v) in zip(full, raw):
+        assert u.dtype == torch.uint8 and u.shape == (4, 1, 8, 8) and torch.equal(y, v)
+        assert torch.allclose(raw.normalize(u), x, atol=1e-6) and torch.equal(full.normalize(x), x)
+    batches = list(build_eval_loader(root, "val", 4, EVAL, 0, 2, 1, normalize_in_loader=False)[0])
+    assert batches[-1].images.dtype == torch.uint8 and not batches[-1].valid[-1]
+    with pytest.raises(ChexdistError, match="normalization"):
+        build_train_loader(root, 4, torch.nn.Identity(), 0, 1, 0, seed=0, epoch=0, normalize_in_loader=False)
+
+
+def test_train_gives_up_when_nothing_decodes(tmp_path):
+    write_shards(tmp_path, {"train": [3]}, bad={0: "image", 1: "image", 2: "json"})
+    loader, _ = build_train_loader(tmp_path, 2, EVAL, 0, 1, 0, seed=0, epoch=0)
+    with pytest.raises(ChexdistError, match="no decodable sample"):
+        list(loader)
+
+
+def _ddp_rank(rank: int, world_size: int, root: str, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    steps = 0
+    loader, _ = build_train_loader(root, 4, EVAL, 0, world_size, rank, seed=0, epoch=0)
+    for _ in loader:
+        together = torch.ones(1)
+        dist.all_reduce(together)
+        steps += int(together.item() == world_size)
+    gathered = []
+    loader, _ = build_eval_loader(root, "train", 5, EVAL, 0, world_size, rank)
+    for batch in loader:
+        parts = [torch.zeros(5, dtype=torch.int64) for _ in range(world_size)]
+        dist.all_gather(parts, torch.where(batch.valid, batch.index, -1))
+        gathered += [int(i) for part in parts for i in part if i >= 0]
+    if rank == 0:
+        Path(out).write_text(json.dumps({"steps": steps, "indices": gathered}))
+    dist.destroy_process_group()
+
+
+def test_two_real_ranks_neither_hang_nor_duplicate(uneven, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "result.json"
+    mp.spawn(_ddp_rank, args=(2, str(uneven[0]), port, str(out)), nprocs=2, join=True)
+    result = json.loads(out.read_text())
+    assert sorted(result["indices"]) == list(range(len(uneven[1]["train"])))
+    assert result["steps"] == -(-len(uneven[1]["train"]) // 8)
