@@ -230,7 +230,118 @@ def loader_suite(
             torch.set_num_threads(threads)
 
 
-SUITES: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {"loader": loader_suite}
+def pack_suite(images: str, count: int = 64, workers: int = 2, size: int = 512, fmt: str = "png", **_: Any) -> Iterator[dict[str, Any]]:
+    """Images/s of `chexdist pack` with 1 worker process vs `workers`, on the same real files."""
+    from chexdist.pack import PackSettings, pack_dataset
+
+    files = find_images(images)
+    with tempfile.TemporaryDirectory(prefix="chexdist-bench-pack-") as tmp:
+        root = Path(tmp) / "nih"
+        make_nih_root(files, count, root)
+        settings = PackSettings(size=size, format=fmt, shard_size=max(1, count // (4 * workers)))
+        rates = {}
+        for n in (1, workers):
+            start = time.perf_counter()
+            pack_dataset(root, Path(tmp) / f"out-{n}", settings, workers=n, progress=False)
+            rates[n] = count / (time.perf_counter() - start)
+    yield {
+        "bench": "pack",
+        "format": fmt,
+        "size": size,
+        "images": count,
+        "workers": workers,
+        "workers_1_img_s": round(rates[1], 2),
+        f"workers_{workers}_img_s": round(rates[workers], 2),
+        "ratio": round(rates[workers] / rates[1], 3),
+        "cpus": os.cpu_count(),
+    }
+
+
+def train_suite(model: str = "resnet18", image_size: int = 128, batch_size: int = 16, steps: int = 20,
+                precision: str = "no", repeats: int = 3, **_: Any) -> Iterator[dict[str, Any]]:
+    """`engine.train_epoch` vs a bare PyTorch loop: same model init, batches, optimizer, loss and
+    precision, alternated `repeats` times; best of each. Batches are in memory so only the loops differ."""
+    import copy
+
+    from accelerate import Accelerator
+
+    from chexdist.config import load_config
+    from chexdist.engine import StopFlag, TrainState, train_epoch
+    from chexdist.losses import build_loss
+    from chexdist.models import create_model
+    from chexdist.optim import build_optimizer
+
+    accelerator = Accelerator(mixed_precision=precision)
+    device = accelerator.device
+    config = load_config("tiny", overrides=[f"model.name={model}", f"data.batch_size={batch_size}", f"train.precision={precision}"])
+    torch.manual_seed(0)
+    batches = [(torch.randn(batch_size, 3, image_size, image_size), (torch.rand(batch_size, 14) < 0.2).float()) for _ in range(4)]
+    feed = [batches[i % len(batches)] for i in range(steps)]
+    initial = create_model(model)
+    criterion = build_loss("bce")
+
+    engine_model = copy.deepcopy(initial)
+    engine_opt = build_optimizer(config.optim, engine_model.parameters())
+    engine_model, engine_opt = accelerator.prepare(engine_model, engine_opt)
+    bare_model = copy.deepcopy(initial).to(device)
+    bare_opt = build_optimizer(config.optim, bare_model.parameters())
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    def run_engine() -> float:
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            train_epoch(engine_model, engine_opt, criterion, accelerator, config, feed, len(feed), TrainState(), StopFlag(), Path(out))
+            _sync(device)
+            return time.perf_counter() - start
+
+    def run_bare() -> float:
+        bare_model.train()
+        start = time.perf_counter()
+        for images, targets in feed:
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = criterion(bare_model(images), targets)
+            if scaler:
+                scaler.scale(loss).backward()
+                scaler.step(bare_opt)
+                scaler.update()
+            else:
+                loss.backward()
+                bare_opt.step()
+            bare_opt.zero_grad(set_to_none=True)
+        _sync(device)
+        return time.perf_counter() - start
+
+    run_engine(), run_bare()  # warm-up: allocator, kernels, optimizer state
+    engine_s, bare_s = [], []
+    for _ in range(repeats):
+        engine_s.append(run_engine())
+        bare_s.append(run_bare())
+    result = {
+        "bench": "train",
+        "model": model,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "steps": steps,
+        "precision": precision,
+        "device": device.type,
+        "engine_img_s": round(steps * batch_size / min(engine_s), 2),
+        "bare_img_s": round(steps * batch_size / min(bare_s), 2),
+        "ratio": round(min(bare_s) / min(engine_s), 3),
+    }
+    if device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        result["gpu"] = torch.cuda.get_device_name()
+    yield result
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+SUITES: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {"loader": loader_suite, "pack": pack_suite, "train": train_suite}
 
 
 def run_suite(name: str, out=sys.stdout, **options: Any) -> list[dict[str, Any]]:

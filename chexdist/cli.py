@@ -170,6 +170,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from chexdist.bench import run_suite
+
+    if args.suite == "loader":
+        options = dict(images=args.images, count=args.count or 1024, workers=args.workers, batch_size=args.batch_size or 32,
+                       repeats=args.repeats, formats=tuple(args.formats.split(",")))
+    elif args.suite == "pack":
+        options = dict(images=args.images, count=args.count or 64, workers=args.workers, size=args.size, fmt=args.formats.split(",")[0])
+    else:
+        options = dict(model=args.model, image_size=args.image_size, batch_size=args.batch_size or 16, steps=args.steps,
+                       precision=args.precision, repeats=args.repeats)
+    run_suite(args.suite, **options)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chexdist", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"chexdist {__version__}")
@@ -216,6 +231,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(p)
     p.add_argument("--nproc", type=int, default=1, help="processes on this machine (GPUs, or CPU processes)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="performance suites; one JSON line per result, ratios measured in one run")
+    p.add_argument("suite", choices=("loader", "pack", "train"))
+    p.add_argument("--images", help="loader/pack: folder of real PNGs (cycled to --count)")
+    p.add_argument("--count", type=int, default=0, help="images to use (loader 1024, pack 64)")
+    p.add_argument("--workers", type=int, default=2, help="loader: DataLoader workers; pack: processes vs 1")
+    p.add_argument("--batch-size", type=int, default=0, help="loader 32, train 16")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--formats", default="png,jpg", help="loader: shard formats; pack: the first one")
+    p.add_argument("--size", type=int, default=512, help="pack: shorter side of packed images")
+    p.add_argument("--model", default="resnet18", help="train: model name")
+    p.add_argument("--image-size", type=int, default=128, help="train: input side")
+    p.add_argument("--steps", type=int, default=20, help="train: optimizer steps per timed run")
+    p.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"), help="train: autocast dtype")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="synthetic data -> shards -> 2-process DDP training -> per-class AUROC")
     p.add_argument("--out", default="chexdist-demo", help="demo folder (replaced if an earlier demo made it)")

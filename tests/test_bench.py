@@ -49,3 +49,25 @@ def test_bench_refuses_bad_input(tmp_path):
         run_suite("loader", images=tmp_path)
     with pytest.raises(ChexdistError, match="not a directory"):
         run_suite("loader", images=tmp_path / "missing")
+
+
+def test_pack_and_train_benches_through_the_cli(tmp_path):
+    """`chexdist bench pack|train` print one JSON line each whose ratio is the quotient of its rates."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REAL_IMAGES, REPO
+
+    def bench(*args: str) -> dict:
+        result = subprocess.run([sys.executable, "-m", "chexdist.cli", "bench", *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        (line,) = result.stdout.splitlines()
+        return json.loads(line)
+
+    pack = bench("pack", "--images", str(REAL_IMAGES), "--count", "8", "--workers", "2", "--size", "64")
+    assert pack["bench"] == "pack" and pack["images"] == 8 and pack["workers"] == 2
+    assert pack["ratio"] == pytest.approx(pack["workers_2_img_s"] / pack["workers_1_img_s"], rel=0.01)
+    train = bench("train", "--model", "test_resnet", "--image-size", "32", "--batch-size", "4", "--steps", "3", "--repeats", "1")
+    assert train["bench"] == "train" and train["device"] == "cpu" and train["precision"] == "no"
+    assert train["engine_img_s"] > 0 and train["bare_img_s"] > 0
+    assert train["ratio"] == pytest.approx(train["engine_img_s"] / train["bare_img_s"], rel=0.01)

@@ -1,0 +1,73 @@
+"""Entry point: `accelerate launch chexdist/train.py --recipe R --shards S --out O [--set k=v ...] [--resume]`,
+also `python -m chexdist.train` and (via `chexdist train`) without knowing accelerate's flags.
+
+Exit codes: 0 done, 2 bad input/config (refused before training), 75 preempted after saving a
+checkpoint (requeue and pass --resume), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a file: put the repo root first so `chexdist` imports and its modules shadow nothing.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+from chexdist.config import Config, load_config  # noqa: E402
+from chexdist.errors import ChexdistError  # noqa: E402
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments shared by train.py and `chexdist train`."""
+    group = parser.add_argument_group("run")
+    group.add_argument("--recipe", default=None, help="chexnet, dannynet, efficientnet, vit, tiny, or a YAML path")
+    group.add_argument("--config", default=None, help="YAML file applied over the recipe")
+    group.add_argument("--shards", default=None, help="shard folder (sets data.shards)")
+    group.add_argument("--out", required=True, help="run folder, e.g. runs/dannynet")
+    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config key (repeatable)")
+    group.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                       help="continue from the latest checkpoint in --out (or the given folder)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if args.shards:
+        overrides.append(f"data.shards={args.shards}")
+    return load_config(args.recipe, args.config, overrides)
+
+
+def training_function(config: Config, args: argparse.Namespace) -> int:
+    from chexdist.engine import EXIT_REQUEUE, Preempted, fit
+
+    try:
+        result = fit(config, args.out, resume=args.resume, progress=not args.no_progress)
+    except Preempted as exc:
+        print(f"chexdist: {exc}", file=sys.stderr)
+        return EXIT_REQUEUE
+    if result.is_main_process:
+        print(f"best val mean AUC {result.best_auc:.4f} at epoch {result.best_epoch}; run folder {result.out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train a chest X-ray classifier (one process of a launch).")
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("chexdist").setLevel(logging.INFO)
+    try:
+        return training_function(resolve_config(args), args)
+    except ChexdistError as exc:
+        print(f"chexdist: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
