@@ -266,7 +266,7 @@ def train_suite(model: str = "resnet18", image_size: int = 128, batch_size: int 
     from accelerate import Accelerator
 
     from chexdist.config import load_config
-    from chexdist.engine import StopFlag, TrainState, train_epoch
+    from chexdist.engine import Checkpointer, StopFlag, TrainState, train_epoch
     from chexdist.losses import build_loss
     from chexdist.models import create_model
     from chexdist.optim import build_optimizer
@@ -289,11 +289,12 @@ def train_suite(model: str = "resnet18", image_size: int = 128, batch_size: int 
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     def run_engine() -> float:
-        with tempfile.TemporaryDirectory() as out:
-            start = time.perf_counter()
-            train_epoch(engine_model, engine_opt, criterion, accelerator, config, feed, len(feed), TrainState(), StopFlag(), Path(out))
-            _sync(device)
-            return time.perf_counter() - start
+        state = TrainState()
+        unused = Checkpointer(accelerator, Path(tempfile.gettempdir()), state, scheduler=None, keep=1)  # no stop, no step saves
+        start = time.perf_counter()
+        train_epoch(engine_model, engine_opt, criterion, accelerator, config, feed, len(feed), state, StopFlag(), unused)
+        _sync(device)
+        return time.perf_counter() - start
 
     def run_bare() -> float:
         bare_model.train()

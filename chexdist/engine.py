@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from chexdist import __version__
-from chexdist.config import Config, config_from_dict, config_to_dict, save_config
+from chexdist.config import Config, config_from_dict, config_to_dict, load_yaml, save_config
 from chexdist.data import build_eval_loader, build_train_loader, load_manifest
 from chexdist.errors import ChexdistError
 from chexdist.io import append_jsonl, atomic_write_json
@@ -151,23 +151,44 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step"))
 
 
-def _save_checkpoint(accelerator, out: Path, state: TrainState, keep: int) -> Path:
-    """All ranks call save_state into a temp folder; rank 0 renames it into place and prunes."""
-    final = out / "checkpoints" / checkpoint_name(state)
-    temp = final.with_name(f".tmp-{final.name}")
-    if accelerator.is_main_process and temp.exists():
-        shutil.rmtree(temp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temp, final)
-        for old in list_checkpoints(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+class Checkpointer:
+    """Accelerate `save_state` (model, optimizer, scaler, RNG per rank) plus our loop state and
+    scheduler in `trainer_state.pt`, all loadable with weights_only=True. A checkpoint is written
+    under a temp name and renamed into place when complete; the last `keep` are kept."""
+
+    STATE_FILE = "trainer_state.pt"
+
+    def __init__(self, accelerator, out: Path, state: TrainState, scheduler, keep: int):
+        self.accelerator, self.out, self.state, self.scheduler, self.keep = accelerator, out, state, scheduler, keep
+
+    def save(self) -> Path:
+        acc = self.accelerator
+        final = self.out / "checkpoints" / checkpoint_name(self.state)
+        temp = final.with_name(f".tmp-{final.name}")
+        if acc.is_main_process and temp.exists():
+            shutil.rmtree(temp)
+        acc.wait_for_everyone()
+        acc.save_state(str(temp), safe_serialization=True)
+        if acc.is_main_process:
+            torch.save({"train_state": self.state.state_dict(), "scheduler": self.scheduler.state_dict()}, temp / self.STATE_FILE)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(temp, final)
+            for old in list_checkpoints(self.out)[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, path: Path) -> None:
+        state_file = path / self.STATE_FILE
+        if not state_file.is_file():
+            raise ChexdistError(f"{path}: not a complete chexdist checkpoint (no {self.STATE_FILE})")
+        self.accelerator.load_state(str(path))
+        saved = torch.load(state_file, map_location="cpu", weights_only=True)
+        self.state.load_state_dict(saved["train_state"])
+        self.scheduler.load_state_dict(saved["scheduler"])
 
 
 def _resolve_resume(out: Path, resume: bool | str | None) -> Path | None:
@@ -188,8 +209,6 @@ def _check_resume_config(out: Path, config: Config) -> None:
     saved_path = out / "config.yaml"
     if not saved_path.is_file():
         return
-    from chexdist.config import load_yaml
-
     saved = _flatten(config_to_dict(config_from_dict(load_yaml(saved_path, "run config"))))
     now = _flatten(config_to_dict(config))
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in RESUMABLE_KEYS)
@@ -373,14 +392,14 @@ def fit(
     scheduler = build_scheduler(config.sched, optimizer, config.train.epochs)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
+    checkpointer = Checkpointer(accelerator, out, state, scheduler, config.train.keep_checkpoints)
     set_seed(config.train.seed + rank)
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        checkpointer.load(resume_from)
         accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.step}, batch {state.batch})")
     accelerator.print(
         f"chexdist {__version__}: {config.model.name} on {world} process(es), {accelerator.distributed_type.value}, "
@@ -417,7 +436,7 @@ def fit(
                 pin_memory=accelerator.device.type == "cuda",
                 normalize_in_loader=accelerator.device.type != "cuda",
             )
-            train_epoch(model, optimizer, criterion, accelerator, config, loader, num_batches, state, stop, out, progress)
+            train_epoch(model, optimizer, criterion, accelerator, config, loader, num_batches, state, stop, checkpointer, progress)
             val = _validate(model, accelerator, criterion, config, manifest)
             step_scheduler(scheduler, val["val_loss"])
             state.epoch += 1
@@ -435,7 +454,7 @@ def fit(
                 accelerator.print(_format_epoch(record, config.train.epochs))
                 if improved:
                     export_best(accelerator.unwrap_model(model), out, _best_info(config, record, manifest))
-            _save_checkpoint(accelerator, out, state, config.train.keep_checkpoints)
+            checkpointer.save()
             if report is not None:
                 report(record)
             patience = config.train.early_stop_patience
@@ -479,7 +498,7 @@ def _format_epoch(record: dict[str, Any], epochs: int) -> str:
 
 
 def train_epoch(model, optimizer, criterion, accelerator, config: Config, loader, num_batches: int, state: TrainState,
-                stop: StopFlag, out: Path, progress: bool = False) -> None:
+                stop: StopFlag, checkpointer: Checkpointer, progress: bool = False) -> None:
     """One epoch of optimizer steps over `loader` (batches of images, targets), continuing from
     `state.batch`. On a GPU the loader sends uint8 batches and `loader.normalize` finishes them on
     the device (12x less data to move). Public so `chexdist bench train` times exactly this code."""
@@ -537,9 +556,9 @@ def train_epoch(model, optimizer, criterion, accelerator, config: Config, loader
             bar.set_postfix(loss=f"{state.loss_sum / max(1, state.loss_batches):.4f}")
             if stop_requested:
                 bar.close()
-                raise Preempted(_save_checkpoint(accelerator, out, state, config.train.keep_checkpoints))
+                raise Preempted(checkpointer.save())
             if every and state.step % every == 0 and not last:
-                _save_checkpoint(accelerator, out, state, config.train.keep_checkpoints)
+                checkpointer.save()
     bar.close()
     state.epoch_seconds = time.perf_counter() - started
 
