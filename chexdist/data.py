@@ -1,8 +1,9 @@
 """Streaming WebDataset loaders: equal batches per rank, exact-once eval, counted skips.
 
-Shards are read straight from their tar streams (local files directly; http(s) and `pipe:` commands
-through ``webdataset.gopen``), so the same code serves a laptop, a cluster filesystem and an object
-store.
+Shards are read with webdataset's own tar iterator (``tar_file_iterator`` + ``group_by_keys``) from
+streams opened by ``webdataset.gopen`` (local files, http(s), ``pipe:`` commands), so the same code
+serves a laptop, a cluster filesystem and an object store; train samples pass through webdataset's
+buffer ``shuffle``.
 The manifest's per-shard sample counts are the single source of truth for how many batches each rank
 produces: the counts are known before any byte is read, so every rank agrees without communicating.
 
@@ -14,8 +15,11 @@ Where the shards live (`shard_dir`, the `data.shards` config key) is one of:
   copy is given (``manifest=`` argument or :func:`load_manifest` ``manifest_path``);
 - an ``http(s)://`` / ``file://`` base URL without ``{name}``: ``/{name}`` is appended.
 
-Train: sample positions, not shards, are divided among (rank, worker) streams (see
-:func:`build_train_loader`), so any number of shards works with any number of ranks and workers.
+Sample positions, not whole shards, are divided among ranks and workers, planned here from the
+manifest counts: webdataset's split_by_node / split_by_worker split by shard, so they cannot give
+every rank the same number of samples, and DDP would then hang (a rank waits in a collective another
+rank never reaches) or drop data. Planning positions works with any number of shards, ranks and
+workers. Train: see :func:`build_train_loader`.
 Eval: see :func:`build_eval_loader` for the padding/mask contract.
 """
 
@@ -31,12 +35,15 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, islice
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import shuffle
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS, NUM_LABELS, check_labels
@@ -71,8 +78,6 @@ def resolve(shard_dir: str | os.PathLike, name: str) -> str:
 
 
 def _open(url: str):
-    from webdataset.gopen import gopen
-
     return gopen(url, "rb")
 
 
@@ -161,141 +166,25 @@ def _report_skip(what: str, reason: BaseException | str) -> None:
 # ---------------------------------------------------------------- tar reading
 
 
-def _key_ext(name: str) -> tuple[str, str]:
-    """WebDataset convention: the key is the path up to the first dot of the file name."""
-    head, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext.lower()
-
-
-_BLOCK = 512
-_REGULAR = (b"0", b"\0", b"7")
-
-
-class TarFormatError(ValueError):
-    """A shard is not a readable tar stream (truncated, corrupt header)."""
-
-
-def _read_exact(stream: Any, size: int) -> bytes:
-    data = stream.read(size)
-    while len(data) < size:
-        more = stream.read(size - len(data))
-        if not more:
-            raise TarFormatError(f"unexpected end of data ({len(data)} of {size} bytes)")
-        data += more
-    return data
-
-
-def _skip(stream: Any, size: int, seekable: bool) -> None:
-    if seekable:
-        stream.seek(size, os.SEEK_CUR)
-        return
-    while size > 0:
-        size -= len(_read_exact(stream, min(size, 1 << 20)))
-
-
-def _header_size(header: bytes) -> int:
-    field = header[124:136]
-    if field[0] & 0x80:
-        return int.from_bytes(field[1:], "big")
-    return int(field.strip(b"\0 ") or b"0", 8)
-
-
-def _tar_members(stream: Any, seekable: bool) -> Iterator[tuple[str, Callable[[], bytes]]]:
-    """(name, read) per regular file of a tar stream; data that `read` was not called for is skipped.
-
-    A small ustar/pax/GNU reader instead of tarfile: it parses only the fields a shard needs, which
-    makes reading 3-5x cheaper per member, and it works the same on files and pipes.
-    """
-    long_name: str | None = None
-    while True:
-        header = stream.read(_BLOCK)
-        if len(header) < _BLOCK or not any(header):
-            if header and len(header) < _BLOCK:
-                raise TarFormatError("truncated tar header")
-            return
-        try:
-            checksum = int(header[148:156].strip(b"\0 ") or b"-1", 8)
-            size = _header_size(header)
-        except ValueError as exc:
-            raise TarFormatError(f"corrupt tar header ({exc})") from None
-        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
-            raise TarFormatError("tar header checksum mismatch")
-        kind, padded = header[156:157], -(-size // _BLOCK) * _BLOCK
-        if kind in (b"x", b"L"):
-            data = _read_exact(stream, padded)[:size]
-            long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode("utf-8", "replace")
-            continue
-        if kind not in _REGULAR:
-            _skip(stream, padded, seekable)
-            long_name = None if kind != b"g" else long_name
-            continue
-        name = long_name or _ustar_name(header)
-        long_name = None
-        done = [False]
-
-        def read(size: int = size, padded: int = padded, done: list[bool] = done) -> bytes:
-            done[0] = True
-            data = _read_exact(stream, size)
-            _skip(stream, padded - size, seekable)
-            return data
-
-        yield name, read
-        if not done[0]:
-            _skip(stream, padded, seekable)
-
-
-def _ustar_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-    if header[257:262] == b"ustar":
-        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
-        if prefix:
-            return f"{prefix}/{name}"
-    return name
-
-
-def _pax_path(data: bytes) -> str | None:
-    """The `path` record of a pax extended header ('<len> path=<value>\\n' records)."""
-    pos = 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        record = data[space + 1 : pos + length - 1]
-        key, _, value = record.partition(b"=")
-        if key == b"path":
-            return value.decode("utf-8", "replace")
-        pos += length
-    return None
-
-
 def iter_tar(url: str, skip: int = 0, take: int | None = None) -> Iterator[dict[str, Any]]:
     """Samples number skip .. skip+take-1 of one shard, as {"__key__", "__url__", ext: bytes}.
 
-    Skipped samples are not extracted (local files seek past them); reading stops as soon as
-    `take` samples are out, so a partial shard costs little more than its part.
+    webdataset's tar_file_iterator + group_by_keys over a gopen stream (tarfile in stream mode, so
+    files and pipes alike); skipped samples are read through (a select_files filter that avoids
+    extracting them saved only 4%), and reading stops once `take` samples are out. A corrupt first header or a cut inside a
+    member raises tarfile.ReadError, but tarfile takes a corrupt later header, or a cut between
+    members, for the end of the archive: the shard just ends early, so callers check the count
+    against the manifest (:func:`_read_segments`).
     """
-    local = not url.startswith("pipe:") and not _URL.match(url)
-    stream = open(url, "rb", buffering=1 << 16) if local else _open(url)
+    stream = _open(url)
     finished = False
     try:
-        index, key, current = -1, None, None
-        for name, read in _tar_members(stream, seekable=local):
-            k, ext = _key_ext(name)
-            if k != key:
-                if current is not None:
-                    yield current
-                    current = None
-                key, index = k, index + 1
-                if take is not None and index >= skip + take:
-                    break
-                if index >= skip:
-                    current = {"__key__": k, "__url__": url}
-            if current is not None:
-                current[ext] = read()
-        else:
-            finished = True
-        if current is not None:
-            yield current
+        samples = group_by_keys({**f, "__url__": url} for f in tar_file_iterator(stream))
+        got = 0
+        for sample in islice(samples, skip, None if take is None else skip + take):
+            got += 1
+            yield sample
+        finished = take is None or got < take
     finally:
         try:
             stream.close()
@@ -315,7 +204,7 @@ def _read_segments(urls: list[str], segments: Iterable[tuple[int, int, int]], st
         except Exception as exc:
             reason: BaseException | str = exc
         else:
-            reason = "shard has fewer samples than its manifest record"
+            reason = "shard ended early (cut or corrupt tar, or fewer samples than its manifest record)"
         if got < take:
             lost = take - got
             stats.add(slot, lost)
@@ -427,23 +316,6 @@ def _ring_segments(counts: list[int], order: list[int], start: int, length: int 
         q = (q + take) % total
 
 
-def _shuffle(items: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
-    """Buffer shuffle that empties its buffer at the end of its input (no item is left behind)."""
-    if bufsize <= 1:
-        yield from items
-        return
-    buffer: list[Any] = []
-    for item in items:
-        if len(buffer) < bufsize:
-            buffer.append(item)
-            continue
-        i = rng.randrange(bufsize)
-        yield buffer[i]
-        buffer[i] = item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 @dataclass(frozen=True)
 class _TrainPlan:
     """Everything one rank's streams need; plain data so the dataset pickles for any start method."""
@@ -473,7 +345,8 @@ class TrainStream(IterableDataset):
         shuffle_seed, torch_seed = p.seeds[slot]
         mine = _read_segments(p.urls, _ring_segments(p.counts, p.order, p.starts[slot], budget), self.stats, slot)
         spare = _read_segments(p.urls, _ring_segments(p.counts, p.order, p.starts[slot] + budget, None), self.stats, slot)
-        items = chain(_shuffle(mine, p.shuffle_buffer, random.Random(shuffle_seed)), spare)
+        shuffled = shuffle(p.shuffle_buffer, initial=p.shuffle_buffer, rng=random.Random(shuffle_seed))(mine)
+        items = chain(shuffled, spare)
         rng_state = torch.Generator().manual_seed(torch_seed).get_state()
         patience = sum(p.counts) + p.batch_size
         for _ in range(p.batches[slot]):
