@@ -29,7 +29,7 @@ from chexdist import __version__
 from chexdist.config import Config, config_from_dict, config_to_dict, load_yaml, save_config
 from chexdist.data import build_eval_loader, build_train_loader, load_manifest
 from chexdist.errors import ChexdistError
-from chexdist.io import append_jsonl, atomic_write_json
+from chexdist.io import append_jsonl, atomic_write_json, atomic_write_text
 from chexdist.labels import LABELS, check_labels
 from chexdist.losses import build_loss, pos_weight_from_counts
 from chexdist.metrics import per_class_metrics, tune_thresholds
@@ -417,7 +417,7 @@ def fit(
         degrees=config.aug.degrees,
         translate=config.aug.translate,
     )
-    history = _read_history(out) if resume_from is not None else []
+    history = _resumed_history(out, state.epoch, accelerator.is_main_process) if resume_from is not None else []
     stopped_early = False
     with StopFlag() as stop:
         while state.epoch < config.train.epochs:
@@ -466,9 +466,15 @@ def fit(
     return FitResult(out, state.best_auc, state.best_epoch, state.epoch, stopped_early, world, accelerator.is_main_process, history)
 
 
-def _read_history(out: Path) -> list[dict[str, Any]]:
+def _resumed_history(out: Path, epochs_done: int, is_main: bool) -> list[dict[str, Any]]:
+    """metrics.jsonl up to the checkpoint's epoch: a run killed after logging an epoch but before
+    checkpointing it redoes that epoch, so its line is dropped rather than duplicated."""
     path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    kept = [r for r in records if r["epoch"] <= epochs_done]
+    if is_main and len(kept) != len(records):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
 
 def _best_info(config: Config, record: dict[str, Any], manifest: dict) -> dict[str, Any]:

@@ -162,6 +162,9 @@ def test_existing_run_needs_resume_and_same_settings(train_shards, tmp_path):
     assert again.returncode == 2 and "already has checkpoints" in again.stderr
     changed = run([*train_cmd(train_shards, out, "train.epochs=2", "data.max_train_batches=2", "optim.lr=0.01"), "--resume"], timeout=120)
     assert changed.returncode == 2 and "optim.lr" in changed.stderr
+    with open(out / "metrics.jsonl", "a") as f:  # as if killed after logging epoch 2, before its checkpoint
+        f.write(json.dumps({"epoch": 2, "val_auc_mean": -1.0}) + "\n")
     extended = run([*train_cmd(train_shards, out, "train.epochs=2", "data.max_train_batches=2"), "--resume"], timeout=300)
     assert extended.returncode == 0, extended.stderr[-2000:]
     assert [r["epoch"] for r in metrics(out)] == [1, 2]
+    assert metrics(out)[1]["val_auc_mean"] > 0
