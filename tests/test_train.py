@@ -168,3 +168,28 @@ def test_existing_run_needs_resume_and_same_settings(train_shards, tmp_path):
     assert extended.returncode == 0, extended.stderr[-2000:]
     assert [r["epoch"] for r in metrics(out)] == [1, 2]
     assert metrics(out)[1]["val_auc_mean"] > 0
+
+
+def test_python_api_report_callback_accumulation_and_clipping(train_shards, tmp_path):
+    """fit() as Ray Tune calls it: the report callback gets each epoch's record; with grad_accum=2 a
+    5-batch epoch takes 3 optimizer steps (2 + 2 + a final partial group)."""
+    script = f"""
+import json
+from chexdist.config import load_config
+from chexdist.engine import fit
+cfg = load_config("tiny", overrides=["data.shards={train_shards}", "train.epochs=2", "data.max_train_batches=5",
+                                     "train.grad_accum=2", "train.grad_clip=1.0"])
+records = []
+result = fit(cfg, r"{tmp_path / 'api'}", report=records.append, progress=False)
+print(json.dumps({{"records": records, "best": result.best_auc, "epochs": result.epochs}}))
+"""
+    done = run([sys.executable, "-c", script], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads(done.stdout.strip().splitlines()[-1])
+    records = payload["records"]
+    assert [r["step"] for r in records] == [3, 6] and payload["epochs"] == 2
+    assert records == metrics(tmp_path / "api")
+    assert payload["best"] == max(r["val_auc_mean"] for r in records)
+    for key in ("epoch", "val_loss", "val_auc_mean", "val_f1_mean", "val_auc", "val_f1"):
+        assert key in records[0]
+    assert set(records[0]["val_auc"]) == set(json.loads((tmp_path / "api" / "best.json").read_text())["labels"])
