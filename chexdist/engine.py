@@ -285,7 +285,7 @@ def predict_split(model, accelerator, shards: str, split: str, config: Config, m
         accelerator.process_index,
         manifest=manifest,
         pin_memory=accelerator.device.type == "cuda",
-        normalize_in_loader=accelerator.device.type != "cuda",
+        normalize_in_loader=False,
     )
     parts: dict[str, list[torch.Tensor]] = {"logits": [], "targets": [], "valid": [], "index": [], "patient_id": []}
     model.eval()
@@ -434,7 +434,7 @@ def fit(
                 max_batches=config.data.max_train_batches,
                 manifest=manifest,
                 pin_memory=accelerator.device.type == "cuda",
-                normalize_in_loader=accelerator.device.type != "cuda",
+                normalize_in_loader=False,
             )
             train_epoch(model, optimizer, criterion, accelerator, config, loader, num_batches, state, stop, checkpointer, progress)
             val = _validate(model, accelerator, criterion, config, manifest)
@@ -506,8 +506,8 @@ def _format_epoch(record: dict[str, Any], epochs: int) -> str:
 def train_epoch(model, optimizer, criterion, accelerator, config: Config, loader, num_batches: int, state: TrainState,
                 stop: StopFlag, checkpointer: Checkpointer, progress: bool = False) -> None:
     """One epoch of optimizer steps over `loader` (batches of images, targets), continuing from
-    `state.batch`. On a GPU the loader sends uint8 batches and `loader.normalize` finishes them on
-    the device (12x less data to move). Public so `chexdist bench train` times exactly this code."""
+    `state.batch`. The loader sends uint8 batches and `loader.normalize` finishes them on the device
+    (12x less data to move than float batches). Public so `chexdist bench train` times exactly this code."""
     accum, clip = config.train.grad_accum, config.train.grad_clip
     device = accelerator.device
     normalize = getattr(loader, "normalize", torch.nn.Identity())

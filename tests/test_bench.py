@@ -16,7 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding 
 
 KEYS = {
     "bench", "format", "ours_img_s", "baseline_img_s", "ratio", "workers", "images", "batch_size",
-    "ours_cpu_ms", "baseline_cpu_ms", "cpu_ratio", "ours_u8_img_s", "ratio_u8", "cpu_ratio_u8",
+    "ours_cpu_ms", "baseline_cpu_ms", "cpu_ratio",
     "decode_only_img_s", "decode_only_cpu_ms", "stream_1proc_img_s", "stream_1proc_cpu_ms",
     "stream_overhead", "shard_px", "shard_bytes", "cpus",
 }
