@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 from chexdist.data import build_train_loader, decode_gray, iter_tar, load_manifest, shard_urls
 from chexdist.errors import ChexdistError
 from chexdist.labels import NUM_LABELS
+from chexdist.nih import IMAGE_SUFFIXES
 from chexdist.transforms import build_transform
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _CSV_HEADER = [
     "Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
     "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]",
