@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -132,8 +133,6 @@ class StopFlag:
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
@@ -261,13 +260,8 @@ def load_best(run_or_file: str | os.PathLike) -> tuple[torch.nn.Module, dict[str
 
 def _make_accelerator(config: Config):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
 
-    precision = config.train.precision if config.train.precision != "no" else None
-    return Accelerator(
-        mixed_precision=precision,
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
-    )
+    return Accelerator(mixed_precision=config.train.precision if config.train.precision != "no" else None)
 
 
 def predict_split(model, accelerator, shards: str, split: str, config: Config, manifest: dict) -> Predictions:

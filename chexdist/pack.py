@@ -8,7 +8,6 @@ granularity: a shard is written as a hidden temp file and renamed when complete,
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -23,8 +22,8 @@ import pandas as pd
 
 from chexdist import __version__
 from chexdist.errors import ChexdistError
-from chexdist.data import FORMAT_VERSION, MANIFEST, load_manifest
-from chexdist.images import ImageDecodeError, decode_gray8, encode, load_gray8, resize_shorter
+from chexdist.data import FORMAT_VERSION, MANIFEST, decode_gray, iter_tar, load_manifest
+from chexdist.images import ImageDecodeError, encode, load_gray8, resize_shorter
 from chexdist.io import atomic_write_json, atomic_write_text, sha256_file
 from chexdist.labels import LABELS
 from chexdist.nih import NihRelease, load_release
@@ -318,25 +317,17 @@ def _build_manifest(release: NihRelease, settings: PackSettings, source_sha: str
 
 
 def _verify_shard(args: tuple[str, dict, str, str]) -> dict:
-    """Worker stage: re-hash and fully decode one shard."""
+    """Worker stage: re-hash one shard and read and decode it exactly as the training loader does."""
     path, entry, split, fmt = args
     problems: list[str] = []
     name = Path(path).name
     if not os.path.isfile(path):
         return {"problems": [f"{name}: file missing"], "patients": [], "positives": [0] * len(LABELS), "samples": 0}
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    if digest.hexdigest() != entry["sha256"]:
+    if sha256_file(path) != entry["sha256"]:
         problems.append(f"{name}: sha256 differs from the manifest (corrupt or replaced)")
-    groups: dict[str, dict[str, bytes]] = {}
     try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                groups.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError) as exc:
+        groups = {sample["__key__"]: {k: v for k, v in sample.items() if not k.startswith("__")} for sample in iter_tar(path)}
+    except (tarfile.TarError, OSError, ValueError) as exc:
         return {"problems": problems + [f"{name}: unreadable tar ({exc})"], "patients": [], "positives": [0] * len(LABELS), "samples": 0}
     metas = []
     for key, parts in groups.items():
@@ -354,7 +345,7 @@ def _verify_shard(args: tuple[str, dict, str, str]) -> dict:
         if meta.get("split") != split or Path(meta.get("image", "")).stem != key:
             problems.append(f"{name}/{key}: json says split {meta.get('split')!r} image {meta.get('image')!r}")
         try:
-            decode_gray8(parts[fmt])
+            decode_gray(parts[fmt])
         except ImageDecodeError as exc:
             problems.append(f"{name}/{key}: image does not decode ({exc})")
         metas.append(meta)

@@ -12,7 +12,6 @@ from PIL import Image
 from chexdist.bench import SUITES, run_suite
 from chexdist.errors import ChexdistError
 
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
 
 KEYS = {
     "bench", "format", "ours_img_s", "baseline_img_s", "ratio", "workers", "images", "batch_size",

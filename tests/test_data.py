@@ -28,7 +28,6 @@ from chexdist.labels import LABELS
 from chexdist.transforms import build_transform
 
 EVAL = build_transform("none", image_size=8, eval_resize=10, train=False)
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
 
 AUGMENT = build_transform("strong", image_size=8, eval_resize=10, train=True)
 
