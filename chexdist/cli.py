@@ -61,8 +61,8 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_info(args: argparse.Namespace) -> int:
-    from chexdist.data import load_manifest
     from chexdist.pack import format_info
+    from chexdist.shardformat import load_manifest
 
     manifest = load_manifest(args.path)
     print(json.dumps(manifest, indent=2) if args.json else format_info(manifest))

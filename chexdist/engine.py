@@ -23,19 +23,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from chexdist import __version__
 from chexdist.config import Config, config_from_dict, config_to_dict, load_yaml, save_config
-from chexdist.data import build_eval_loader, build_train_loader, load_manifest
+from chexdist.data import build_train_loader
 from chexdist.errors import ChexdistError
-from chexdist.io import append_jsonl, atomic_write_json, atomic_write_text
-from chexdist.labels import LABELS, check_labels
+from chexdist.fileio import append_jsonl, atomic_write_json, atomic_write_text
+from chexdist.inference import predict_split
+from chexdist.labels import LABELS
 from chexdist.losses import build_loss, pos_weight_from_counts
 from chexdist.metrics import per_class_metrics, tune_thresholds
-from chexdist.models import create_model, read_state_dict, save_weights
+from chexdist.models import create_model, save_weights
 from chexdist.optim import build_optimizer, build_scheduler, step_scheduler
+from chexdist.shardformat import load_manifest
 from chexdist.transforms import NORMALIZATION, build_transform
 
 log = logging.getLogger("chexdist")
@@ -91,21 +92,6 @@ class FitResult:
     world_size: int
     is_main_process: bool
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class Predictions:
-    """Gathered, de-padded predictions of one split, ordered by sample index."""
-
-    logits: torch.Tensor
-    targets: torch.Tensor
-    index: torch.Tensor
-    patient_id: torch.Tensor
-    skipped: int
-
-    @property
-    def probs(self) -> np.ndarray:
-        return torch.sigmoid(self.logits).numpy()
 
 
 class StopFlag:
@@ -237,24 +223,6 @@ def export_best(model: torch.nn.Module, out: Path, info: dict[str, Any]) -> None
     atomic_write_json(out / "best.json", info)
 
 
-def load_best(run_or_file: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The exported best model and its best.json; refuses a label order other than chexdist's."""
-    path = Path(run_or_file)
-    weights = path / "best.safetensors" if path.is_dir() else path
-    info_path = weights.with_suffix(".json")
-    if not weights.is_file() or not info_path.is_file():
-        raise ChexdistError(f"{path}: no best.safetensors + best.json; train a run first (chexdist train)")
-    info = json.loads(info_path.read_text())
-    check_labels(info["labels"], source=str(info_path))
-    state, meta = read_state_dict(weights)
-    if "labels" in meta:
-        check_labels(json.loads(meta["labels"]), source=str(weights))
-    cfg = config_from_dict(info["config"])
-    model = create_model(info["arch"], num_classes=len(info["labels"]), drop_rate=cfg.model.drop_rate, head=cfg.model.head)
-    model.load_state_dict(state)
-    return model.eval(), info
-
-
 # ----------------------------------------------------------------------------------- the loop
 
 
@@ -262,49 +230,6 @@ def _make_accelerator(config: Config):
     from accelerate import Accelerator
 
     return Accelerator(mixed_precision=config.train.precision if config.train.precision != "no" else None)
-
-
-def predict_split(model, accelerator, shards: str, split: str, config: Config, manifest: dict) -> Predictions:
-    """Run the model over one split on every rank and gather: each readable sample exactly once."""
-    transform = build_transform(
-        config.aug.preset, image_size=config.data.image_size, eval_resize=config.data.eval_resize, train=False
-    )
-    loader, _ = build_eval_loader(
-        shards,
-        split,
-        config.data.eval_batch_size or 2 * config.data.batch_size,
-        transform,
-        config.data.num_workers,
-        accelerator.num_processes,
-        accelerator.process_index,
-        manifest=manifest,
-        pin_memory=accelerator.device.type == "cuda",
-        normalize_in_loader=False,
-    )
-    parts: dict[str, list[torch.Tensor]] = {"logits": [], "targets": [], "valid": [], "index": [], "patient_id": []}
-    model.eval()
-    with torch.no_grad():
-        for batch in loader:
-            images = loader.normalize(batch.images.to(accelerator.device, non_blocking=True))
-            with accelerator.autocast():
-                logits = model(images)
-            parts["logits"].append(logits.float())
-            parts["targets"].append(batch.labels.to(accelerator.device))
-            parts["valid"].append(batch.valid.to(accelerator.device))
-            parts["index"].append(batch.index.to(accelerator.device))
-            parts["patient_id"].append(batch.patient_id.to(accelerator.device))
-    local = {k: torch.cat(v) for k, v in parts.items()}
-    gathered = {k: accelerator.gather(v).cpu() for k, v in local.items()}
-    skipped = int(accelerator.reduce(torch.tensor(loader.skipped, device=accelerator.device), "sum").item())
-    keep = gathered["valid"].bool()
-    order = torch.argsort(gathered["index"][keep])
-    return Predictions(
-        logits=gathered["logits"][keep][order],
-        targets=gathered["targets"][keep][order].float(),
-        index=gathered["index"][keep][order],
-        patient_id=gathered["patient_id"][keep][order],
-        skipped=skipped,
-    )
 
 
 def _validate(model, accelerator, criterion, config: Config, manifest: dict) -> dict[str, Any]:

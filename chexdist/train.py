@@ -7,19 +7,13 @@ checkpoint (requeue and pass --resume), 1 anything else.
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
-from pathlib import Path
+from collections.abc import Sequence
 
-if __package__ in (None, ""):
-    # Run as a file: put the repo root first so `chexdist` imports and its modules shadow nothing.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-
-from chexdist.config import Config, load_config  # noqa: E402
-from chexdist.errors import ChexdistError  # noqa: E402
+from chexdist.config import Config, load_config
+from chexdist.errors import ChexdistError
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
