@@ -8,7 +8,6 @@ Results are ratios measured within one run (the Performance contract), plus the 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import resource
 import sys
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from chexdist.data import build_train_loader, decode_gray
 from chexdist.errors import ChexdistError
+from chexdist.fileio import dumps_json
 from chexdist.labels import NUM_LABELS
 from chexdist.nih import IMAGE_SUFFIXES
 from chexdist.shardformat import iter_tar, load_manifest, shard_urls
@@ -357,6 +357,6 @@ def run_suite(name: str, out=sys.stdout, **options: Any) -> list[dict[str, Any]]
         raise ChexdistError(f"unknown bench {name!r}; choose one of {', '.join(SUITES)}")
     results = []
     for result in SUITES[name](**options):
-        print(json.dumps(result), file=out, flush=True)
+        print(dumps_json(result), file=out, flush=True)
         results.append(result)
     return results

@@ -42,18 +42,38 @@ def _f(default: Any, **limits: Any) -> Any:
     return field(default=default, metadata=limits)
 
 
+def eval_resize_for(image_size: int, crop_pct: float) -> int:
+    """timm's eval resize: the shorter side becomes floor(image_size / crop_pct) before the centre crop."""
+    return math.floor(image_size / crop_pct)
+
+
 @dataclass
 class DataConfig:
-    """Input pipeline. Eval images are Resize(eval_resize) then CenterCrop(image_size)."""
+    """Input pipeline. Eval images are Resize(resolved_eval_resize) then CenterCrop(image_size).
+
+    The resize follows timm's convention: floor(image_size / crop_pct) (224 -> 256 at 0.875), so
+    changing image_size alone keeps the same share of the image. eval_resize > 0 overrides it;
+    0 (or null) means derived. config.yaml and best.json hold the resolved number.
+    """
 
     shards: str = ""
     image_size: int = _f(224, ge=16)
-    eval_resize: int = _f(256, ge=16)
+    crop_pct: float = _f(0.875, gt=0, le=1)
+    eval_resize: int | None = _f(0, ge=0)  # 0/null = floor(image_size / crop_pct)
     batch_size: int = _f(16, ge=1)
     eval_batch_size: int = _f(0, ge=0)  # 0 = 2 * batch_size
     num_workers: int = _f(2, ge=0)
     shuffle_buffer: int = _f(1000, ge=0)
     max_train_batches: int = _f(0, ge=0)  # 0 = full epoch; >0 caps an epoch for smoke tests/benchmarks
+
+    @property
+    def resolved_eval_resize(self) -> int:
+        """The eval resize actually used: eval_resize when set, else derived from crop_pct."""
+        return self.eval_resize or eval_resize_for(self.image_size, self.crop_pct)
+
+    @property
+    def eval_resize_is_derived(self) -> bool:
+        return not self.eval_resize
 
 
 @dataclass
@@ -358,11 +378,11 @@ def _set(cfg: Config, section: Any, key: Any, value: Any) -> None:
 
 def _check_cross(cfg: Config) -> None:
     """Rules that involve two keys; each names the key to change."""
-    if cfg.data.eval_resize < cfg.data.image_size:
+    if cfg.data.eval_resize and cfg.data.eval_resize < cfg.data.image_size:
         raise ChexdistError(
             f"config key 'data.eval_resize': {cfg.data.eval_resize} is smaller than data.image_size "
-            f"{cfg.data.image_size} (eval center-crops image_size from it); "
-            f"set data.eval_resize >= {cfg.data.image_size}"
+            f"{cfg.data.image_size} (eval center-crops image_size from it); set data.eval_resize >= "
+            f"{cfg.data.image_size}, or 0 to derive it from data.crop_pct"
         )
     if cfg.optim.name == "sgd" and cfg.optim.nesterov and cfg.optim.momentum == 0:
         raise ChexdistError("config key 'optim.nesterov': true needs optim.momentum > 0 with sgd")
@@ -374,6 +394,20 @@ def _check_cross(cfg: Config) -> None:
         raise ChexdistError(
             f"config key 'sched.min_lr': {_show(cfg.sched.min_lr)} is larger than optim.lr {_show(cfg.optim.lr)}"
         )
+
+
+def eval_crop_warning(cfg: Config) -> str | None:
+    """A one-line warning when the eval centre crop keeps less than half of the resized image's area
+    (scores, best-epoch choice and thresholds would then judge only the middle of the X-ray)."""
+    data = cfg.data
+    kept = (data.image_size / data.resolved_eval_resize) ** 2
+    if kept >= 0.5:
+        return None
+    source = "data.eval_resize" if data.eval_resize else "data.crop_pct"
+    return (
+        f"evaluation keeps only {kept:.0%} of the image area (Resize {data.resolved_eval_resize} + CenterCrop "
+        f"{data.image_size}, from {source}); set data.eval_resize=0 and data.crop_pct=0.875 to keep most of it"
+    )
 
 
 def validate_config(cfg: Config) -> Config:
@@ -409,11 +443,22 @@ def _apply_mapping(cfg: Config, data: Any, source: str | None) -> str | None:
                 raise ChexdistError(f"config section {section!r} must be a mapping of keys, got {_show(values)}")
             for key, value in values.items():
                 _set(cfg, section, key, value)
+        _unfreeze_eval_resize(cfg, data.get("data"))
         return label
     except ChexdistError as e:
         if source is None:
             raise
         raise ChexdistError(f"{source}: {e}") from None
+
+
+def _unfreeze_eval_resize(cfg: Config, data_section: Any) -> None:
+    """A file's eval_resize that equals the value its image_size and crop_pct derive is a resolved
+    value written by save_config (or a recipe stating the convention), not an override: keep it
+    derived, so `--config runs/x/config.yaml --set data.image_size=96` re-derives the resize
+    instead of freezing the old one."""
+    if isinstance(data_section, Mapping) and data_section.get("eval_resize"):
+        if cfg.data.eval_resize == eval_resize_for(cfg.data.image_size, cfg.data.crop_pct):
+            cfg.data.eval_resize = 0
 
 
 # Overrides
@@ -515,8 +560,11 @@ def load_config(
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """Plain dict (JSON/YAML-safe) with `recipe` first, then the sections."""
-    return dataclasses.asdict(cfg)
+    """Plain dict (JSON/YAML-safe) with `recipe` first, then the sections; data.eval_resize is the
+    resolved number (tools read it), which config_from_dict/load_config read back as derived."""
+    d = dataclasses.asdict(cfg)
+    d["data"]["eval_resize"] = cfg.data.resolved_eval_resize
+    return d
 
 
 def config_from_dict(d: Mapping[str, Any]) -> Config:

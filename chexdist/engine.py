@@ -26,10 +26,10 @@ from typing import Any
 import torch
 
 from chexdist import __version__
-from chexdist.config import Config, config_from_dict, config_to_dict, load_yaml, save_config
+from chexdist.config import Config, config_from_dict, config_to_dict, eval_crop_warning, load_yaml, save_config
 from chexdist.data import build_train_loader
 from chexdist.errors import ChexdistError
-from chexdist.fileio import append_jsonl, atomic_write_json, atomic_write_text
+from chexdist.fileio import append_jsonl, atomic_write_json, atomic_write_jsonl
 from chexdist.inference import predict_split
 from chexdist.labels import LABELS
 from chexdist.losses import build_loss, pos_weight_from_counts
@@ -258,11 +258,21 @@ def _epoch_record(state: TrainState, lr: float, val: dict, world_size: int, prec
         "val_ap": m["ap"],
         "val_f1": m["f1"],
         "val_thresholds": m["thresholds"],
+        "val_auc_undefined": _unscorable(m["positives"], m["n"], "val"),
         "val_samples": m["n"],
         "val_skipped": val["skipped"],
         "seconds": state.epoch_seconds,
         "world_size": world_size,
         "precision": precision,
+    }
+
+
+def _unscorable(positives: dict[str, int], n: int, split: str) -> dict[str, str]:
+    """label -> why its AUROC/AP are null in the record (F1 too when the split has no positives)."""
+    return {
+        label: f"no {'positives' if k == 0 else 'negatives'} in {split}"
+        for label, k in positives.items()
+        if k == 0 or k == n
     }
 
 
@@ -320,15 +330,14 @@ def fit(
     if resume_from is not None:
         checkpointer.load(resume_from)
         accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.step}, batch {state.batch})")
-    accelerator.print(
-        f"chexdist {__version__}: {config.model.name} on {world} process(es), {accelerator.distributed_type.value}, "
-        f"device {accelerator.device.type}, precision {precision}, train {train_info['samples']} images"
-    )
+    accelerator.print(_banner(config, accelerator, precision, train_info["samples"]))
+    if accelerator.is_main_process and (warning := eval_crop_warning(config)):
+        log.warning(warning)
 
     transform = build_transform(
         config.aug.preset,
         image_size=config.data.image_size,
-        eval_resize=config.data.eval_resize,
+        eval_resize=config.data.resolved_eval_resize,
         train=True,
         brightness=config.aug.brightness,
         contrast=config.aug.contrast,
@@ -392,7 +401,7 @@ def _resumed_history(out: Path, epochs_done: int, is_main: bool) -> list[dict[st
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     kept = [r for r in records if r["epoch"] <= epochs_done]
     if is_main and len(kept) != len(records):
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_jsonl(path, kept)
     return kept
 
 
@@ -402,7 +411,8 @@ def _best_info(config: Config, record: dict[str, Any], manifest: dict) -> dict[s
         "arch": config.model.name,
         "recipe": config.recipe,
         "image_size": config.data.image_size,
-        "eval_resize": config.data.eval_resize,
+        "eval_resize": config.data.resolved_eval_resize,
+        "crop_pct": config.data.crop_pct,
         "normalization": NORMALIZATION,
         "thresholds": record["val_thresholds"],
         "val_metrics": {k: record[k] for k in ("val_loss", "val_auc_mean", "val_ap_mean", "val_f1_mean", "val_auc", "val_f1")},
@@ -412,6 +422,18 @@ def _best_info(config: Config, record: dict[str, Any], manifest: dict) -> dict[s
         "shards": {"image": manifest["image"], "split": manifest["split"], "source": manifest["source"]},
         "config": config_to_dict(config),
     }
+
+
+def _banner(config: Config, accelerator, precision: str, train_images: int) -> str:
+    """e.g. 'chexdist 0.1.0: densenet121 on 2 processes (MULTI_CPU, cpu), precision no, train 8000 images'."""
+    world = accelerator.num_processes
+    kind = accelerator.distributed_type.value
+    where = accelerator.device.type.upper() if kind == "NO" else f"{kind}, {accelerator.device.type}"
+    return (
+        f"chexdist {__version__}: {config.model.name} on {world} process{'es' if world != 1 else ''} ({where}), "
+        f"precision {precision}, train {train_images} images, eval Resize {config.data.resolved_eval_resize} + "
+        f"CenterCrop {config.data.image_size}"
+    )
 
 
 def _format_epoch(record: dict[str, Any], epochs: int) -> str:

@@ -34,7 +34,8 @@ class Predictions:
 def predict_split(model, accelerator, shards: str, split: str, config: Config, manifest: dict) -> Predictions:
     """Run the model over one split on every rank and gather: each readable sample exactly once."""
     transform = build_transform(
-        config.aug.preset, image_size=config.data.image_size, eval_resize=config.data.eval_resize, train=False
+        config.aug.preset, image_size=config.data.image_size, eval_resize=config.data.resolved_eval_resize,
+        train=False,
     )
     loader, _ = build_eval_loader(
         shards,

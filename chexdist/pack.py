@@ -22,7 +22,7 @@ import pandas as pd
 
 from chexdist import __version__
 from chexdist.errors import ChexdistError
-from chexdist.fileio import atomic_write_json, atomic_write_text, sha256_file
+from chexdist.fileio import atomic_write_json, atomic_write_jsonl, dumps_json, sha256_file
 from chexdist.images import ImageDecodeError, decode_gray8, encode, load_gray8, resize_shorter
 from chexdist.labels import LABELS
 from chexdist.nih import NihRelease, load_release
@@ -180,7 +180,7 @@ def _write_shard(out: Path, plan: ShardPlan, encoded: Iterator[tuple[bytes | Non
                 if error is not None:
                     errors.append({"image": row["meta"]["image"], "path": row["path"], "split": plan.split, "reason": error})
                     continue
-                _tar_add(tar, f"{row['key']}.json", json.dumps(row["meta"], sort_keys=True).encode())
+                _tar_add(tar, f"{row['key']}.json", dumps_json(row["meta"], sort_keys=True).encode())
                 _tar_add(tar, f"{row['key']}.{fmt}", data)
                 metas.append(row["meta"])
         f.flush()
@@ -265,14 +265,10 @@ def pack_dataset(
         {"image": image, "path": None, "split": None, "reason": "missing: listed in the CSV, no file under --nih-root"}
         for image in missing["image"]
     ] + [e for r in records for e in r["errors"]]
-    _write_errors(out / ERRORS, errors)
+    atomic_write_jsonl(out / ERRORS, errors)
     manifest = _build_manifest(release, settings, source_sha, records, errors)
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
-
-
-def _write_errors(path: Path, errors: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in errors))
 
 
 def _build_manifest(release: NihRelease, settings: PackSettings, source_sha: str, records: list[dict], errors: list[dict]) -> dict:

@@ -17,6 +17,7 @@ from chexdist.config import (
     config_keys,
     config_to_dict,
     dump_config,
+    eval_crop_warning,
     load_config,
     parse_yaml,
     save_config,
@@ -43,7 +44,7 @@ PAPER_VALUES = {
         "model.name": "densenet121", "loss.name": "bce", "optim.name": "adam", "optim.lr": 1e-3,
         "optim.betas": [0.9, 0.999], "optim.weight_decay": 0.0, "data.batch_size": 16,
         "sched.name": "plateau", "sched.factor": 0.1, "sched.patience": 1, "aug.preset": "flip",
-        "data.image_size": 224, "data.eval_resize": 256, "train.precision": "no", "train.epochs": 20,
+        "data.image_size": 224, "data.crop_pct": 0.875, "train.precision": "no", "train.epochs": 20,
     },
     "dannynet": {
         "model.name": "densenet121", "loss.name": "focal", "loss.alpha": 1.0, "loss.gamma": 2.0,
@@ -61,7 +62,7 @@ PAPER_VALUES = {
         "loss.name": "bce", "aug.preset": "flip", "data.image_size": 224,
     },
     "tiny": {
-        "model.name": "test_resnet", "data.image_size": 64, "data.eval_resize": 72,
+        "model.name": "test_resnet", "data.image_size": 64, "data.crop_pct": 0.875,
         "data.batch_size": 16, "train.epochs": 3, "optim.name": "adam", "optim.lr": 1e-3,
         "loss.name": "bce", "aug.preset": "flip", "data.num_workers": 0,
     },
@@ -168,7 +169,8 @@ def test_yaml_file_scalars_are_yaml_1_2(tmp_path):
         ("optim.betas=[0.9, 1.5]", ["'optim.betas'", "< 1"]),
         ("train.deterministic=maybe", ["'train.deterministic'", "true or false"]),
         ("model.name=", ["'model.name'", "empty"]),
-        ("data.image_size=512", ["'data.eval_resize'", "data.image_size"]),
+        ("data.eval_resize=200", ["'data.eval_resize'", "data.image_size", "crop_pct"]),
+        ("data.crop_pct=1.2", ["'data.crop_pct'", "<= 1"]),
         ("sched.min_lr=0.1", ["'sched.min_lr'", "optim.lr"]),
         ("sched.warmup_epochs=2", ["'sched.warmup_epochs'", "plateau"]),
         ("optim.lr", ["malformed", "section.key=value"]),
@@ -258,4 +260,45 @@ def test_validate_config_catches_edits_in_code():
 
 def test_every_field_has_a_default_that_validates():
     cfg = validate_config(Config())
-    assert dataclasses.asdict(cfg) == config_to_dict(Config())
+    assert cfg == Config() and config_from_dict(config_to_dict(cfg)) == Config()
+
+
+@pytest.mark.parametrize("recipe", ["chexnet", "dannynet", "tiny"])
+def test_changing_image_size_alone_keeps_the_eval_view(recipe):
+    """timm's crop_pct convention: Resize floor(image_size / crop_pct), so the eval centre crop keeps
+    crop_pct of each side whatever image_size is (it used to stay Resize 256 and keep 14% at 96 px)."""
+    import numpy as np
+
+    from chexdist.transforms import build_transform
+
+    cfg = load_config(recipe, overrides=["data.image_size=96"])
+    assert cfg.data.resolved_eval_resize == 109 == int(96 / 0.875)
+    assert eval_crop_warning(cfg) is None
+    image = np.zeros((512, 512), dtype=np.uint8)
+    image[48:56, :] = 255  # a bright band 10% below the top edge, as far in as a clavicle
+    view = build_transform(cfg.aug.preset, cfg.data.image_size, cfg.data.resolved_eval_resize, train=False)(image)
+    assert view.shape == (3, 96, 96)
+    assert view[0].amax(dim=1)[:12].max() > 1.0, "the band near the top edge is inside the eval view"
+
+
+def test_resolved_eval_resize_is_saved_and_reloads_derived(tmp_path):
+    cfg = load_config("chexnet")
+    assert (cfg.data.eval_resize, cfg.data.resolved_eval_resize) == (0, 256)
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    assert yaml.safe_load(path.read_text())["data"]["eval_resize"] == 256  # tools read the number
+    resized = load_config(config_file=path, overrides=["data.image_size=128"])
+    assert resized.data.resolved_eval_resize == 146  # re-derived, not the stale 256
+    explicit = load_config("chexnet", overrides=["data.eval_resize=300"])
+    save_config(explicit, path)
+    reloaded = load_config(config_file=path)
+    assert reloaded == explicit and reloaded.data.resolved_eval_resize == 300
+    assert load_config("chexnet", overrides=["data.eval_resize=null"]).data.resolved_eval_resize == 256
+    assert load_config("chexnet", overrides=["data.crop_pct=1.0"]).data.resolved_eval_resize == 224
+
+
+def test_eval_crop_warning_names_the_setting():
+    warning = eval_crop_warning(load_config("chexnet", overrides=["data.eval_resize=400"]))
+    assert warning is not None and "31%" in warning and "data.eval_resize" in warning
+    assert "data.crop_pct" in eval_crop_warning(load_config("chexnet", overrides=["data.crop_pct=0.6"]))
+    assert eval_crop_warning(load_config("chexnet", overrides=["data.eval_resize=300"])) is None

@@ -58,7 +58,7 @@ def test_two_process_ddp_through_accelerate_launch(train_shards, tmp_path):
            "--no-progress", "--set", "train.epochs=4"]
     result = run(cmd, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "on 2 process(es), MULTI_CPU" in result.stdout
+    assert "on 2 processes (MULTI_CPU, cpu)" in result.stdout
     records = metrics(out)
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     assert all(r["world_size"] == 2 for r in records)
