@@ -12,6 +12,13 @@ from collections.abc import Callable, Sequence
 from chexdist import __version__
 from chexdist.errors import ChexdistError
 
+DESCRIPTION = (
+    "chexdist trains and evaluates multi-label chest X-ray classifiers (the 14 NIH ChestX-ray14 findings): "
+    "pack an NIH-format download into WebDataset shards, then train on 1..N CPUs or GPUs with per-class "
+    "validation AUROC/F1. "
+    "Start with `chexdist demo`."
+)
+
 
 def _default_workers() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
@@ -26,7 +33,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from chexdist.pack import PackSettings, pack_dataset
+    from chexdist.pack import PackSettings, pack_dataset, unscorable_splits
 
     settings = PackSettings(
         split=args.split,
@@ -39,13 +46,32 @@ def cmd_pack(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         fractions=tuple(args.fractions),
         stratify=args.stratify,
+        only_present=args.only_present,
     )
     manifest = pack_dataset(args.nih_root, args.out, settings, workers=args.workers, progress=not args.quiet)
     counts = ", ".join(f"{s} {v['samples']} ({v['patients']} patients)" for s, v in manifest["splits"].items())
     print(f"packed {counts} into {args.out}")
+    missing = manifest["missing"]
+    if missing["rows"]:
+        rows = manifest["source"]["rows"]
+        by_folder = dict(missing["by_folder"])
+        outside = by_folder.pop("(no folder)", 0)
+        where = [f"{n:,} within the file-name range of {folder}" for folder, n in by_folder.items()]
+        where += [f"{outside:,} outside every image folder's range"] if outside else []
+        print(f"{missing['rows']:,} of {rows:,} rows of {manifest['source']['csv']} ({missing['rows'] / rows:.1%}) "
+              f"have no image file under {args.nih_root}: {'; '.join(where)}")
+        if missing["in_errors"]:
+            print("  they are listed in errors.jsonl; pass --only-present to pack only the rows that have files "
+                  "(split over those rows) and count the rest instead of listing them")
     if manifest["errors"]:
-        reasons = ", ".join(f"{n} {k}" for k, n in manifest["error_reasons"].items())
-        print(f"skipped {manifest['errors']} input(s) ({reasons}); listed in {os.path.join(args.out, 'errors.jsonl')}")
+        reasons = ", ".join(f"{n:,} {k}" for k, n in manifest["error_reasons"].items())
+        print(f"skipped {manifest['errors']:,} input(s) ({reasons}); listed in {os.path.join(args.out, 'errors.jsonl')}")
+    for split, reasons in unscorable_splits(manifest).items():
+        samples = manifest["splits"][split]["samples"]
+        examples = ", ".join(f"{label} ({why})" for label, why in list(reasons.items())[:3])
+        print(f"chexdist: warning: the {split} split ({samples} image{'s' if samples != 1 else ''}) cannot score {len(reasons)} of "
+              f"{len(manifest['labels'])} findings, e.g. {examples}; their AUROC is undefined there; pack more "
+              "images (--split random --stratify keeps rare findings in every split)", file=sys.stderr)
     return 0
 
 
@@ -148,7 +174,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[2/3] pack: {out / 'shards'}")
     pack_dataset(out / "nih", out / "shards", PackSettings(split="official", size=72, shard_size=128),
                  workers=min(2, _default_workers()), progress=False)
-    print(f"[3/3] train: recipe tiny, {args.nproc} process(es)")
+    print(f"[3/3] train: recipe tiny, {args.nproc} process{'es' if args.nproc != 1 else ''}")
     train_parser = argparse.ArgumentParser()
     add_train_arguments(train_parser)
     train_args = train_parser.parse_args(
@@ -170,6 +196,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from chexdist.config import describe_config, dump_config, eval_crop_warning, load_config
+
+    cfg = load_config(args.recipe, args.config, args.overrides)
+    if args.yaml:
+        print(dump_config(cfg), end="")
+        return 0
+    rows = describe_config(cfg)
+    width = max(len(key) for key, _, _ in rows)
+    value_width = min(24, max(len(value) for _, value, _ in rows))
+    print(f"# recipe {cfg.recipe or '(none: defaults)'}; set keys with --set SECTION.KEY=VALUE")
+    for key, value, allowed in rows:
+        print(f"{key:{width}s}  {value:{value_width}s}  {allowed}")
+    if warning := eval_crop_warning(cfg):
+        print(f"# warning: {warning}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from chexdist.bench import run_suite
 
@@ -186,7 +230,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chexdist", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="chexdist", description=DESCRIPTION,
+                                     epilog="Run `chexdist COMMAND --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"chexdist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -212,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fractions", type=float, nargs=3, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "TEST"),
                    help="random: patient fractions")
     p.add_argument("--stratify", action="store_true", help="random: stratify patients by their rarest finding")
+    p.add_argument("--only-present", action="store_true",
+                   help="pack only the CSV rows whose image file exists (the split is made over them); the rest "
+                        "are counted in the manifest, not listed in errors.jsonl")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pack)
 
@@ -225,12 +273,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole manifest")
     p.set_defaults(func=cmd_shards_info)
 
-    from chexdist.train import add_train_arguments
+    from chexdist.train import TRAIN_DESCRIPTION, TRAIN_EPILOG, add_train_arguments
 
-    p = sub.add_parser("train", help="train (N local processes without knowing accelerate's flags)")
+    p = sub.add_parser("train", help="train a classifier (N local processes without knowing accelerate's flags)",
+                       description=TRAIN_DESCRIPTION, epilog=TRAIN_EPILOG)
     add_train_arguments(p)
     p.add_argument("--nproc", type=int, default=1, help="processes on this machine (GPUs, or CPU processes)")
     p.set_defaults(func=cmd_train)
+
+    config = sub.add_parser("config", help="show the resolved config: every key, its value and allowed values")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    p = config_sub.add_parser("show", help="every config key with its resolved value and allowed values",
+                              description="Print every config key with its resolved value and its allowed values "
+                                          "or range, for a recipe, a config file and --set overrides.")
+    p.add_argument("--recipe", default=None, help="recipe name or YAML path (default: the dataclass defaults)")
+    p.add_argument("--config", default=None, help="YAML file applied over the recipe (e.g. a run's config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one key (repeatable)")
+    p.add_argument("--yaml", action="store_true", help="print the config as YAML (a file for --config)")
+    p.set_defaults(func=cmd_config_show)
 
     p = sub.add_parser("bench", help="performance suites; one JSON line per result, ratios measured in one run")
     p.add_argument("suite", choices=("loader", "pack", "train"))

@@ -59,12 +59,12 @@ class DataConfig:
     shards: str = ""
     image_size: int = _f(224, ge=16)
     crop_pct: float = _f(0.875, gt=0, le=1)
-    eval_resize: int | None = _f(0, ge=0)  # 0/null = floor(image_size / crop_pct)
-    batch_size: int = _f(16, ge=1)
-    eval_batch_size: int = _f(0, ge=0)  # 0 = 2 * batch_size
+    eval_resize: int | None = _f(0, ge=0, doc="0 or null = floor(image_size / crop_pct)")
+    batch_size: int = _f(16, ge=1, doc="per process")
+    eval_batch_size: int = _f(0, ge=0, doc="0 = 2 * batch_size")
     num_workers: int = _f(2, ge=0)
     shuffle_buffer: int = _f(1000, ge=0)
-    max_train_batches: int = _f(0, ge=0)  # 0 = full epoch; >0 caps an epoch for smoke tests/benchmarks
+    max_train_batches: int = _f(0, ge=0, doc="0 = full epoch; >0 caps an epoch (smoke tests, benchmarks)")
 
     @property
     def resolved_eval_resize(self) -> int:
@@ -81,7 +81,7 @@ class ModelConfig:
     """Backbone (timm name or densenet121) and classifier head; pretrained is a local file, never a download."""
 
     name: str = _f("densenet121", nonempty=True)
-    pretrained: str | None = None
+    pretrained: str | None = _f(None, doc="a local weights file; never downloaded")
     drop_rate: float = _f(0.0, ge=0, lt=1)
     head: HeadName = "linear"
 
@@ -143,12 +143,13 @@ class TrainConfig:
     epochs: int = _f(3, ge=1)
     precision: Precision = "no"
     grad_accum: int = _f(1, ge=1)
-    grad_clip: float = _f(0.0, ge=0)  # max grad norm; 0 = off
-    early_stop_patience: int = _f(0, ge=0)
+    grad_clip: float = _f(0.0, ge=0, doc="max grad norm; 0 = off")
+    early_stop_patience: int = _f(0, ge=0, doc="epochs without a better val mean AUROC; 0 = off")
     seed: int = _f(0, ge=0)
-    checkpoint_every: int = _f(0, ge=0)  # optimizer steps; 0 = end of each epoch only
+    checkpoint_every: int = _f(0, ge=0, doc="optimizer steps; 0 = end of each epoch only")
     keep_checkpoints: int = _f(3, ge=1)
     deterministic: bool = False
+    log_every_s: float = _f(30.0, gt=0, doc="seconds between progress lines when output is not a terminal")
 
 
 @dataclass
@@ -156,7 +157,7 @@ class EvalConfig:
     """Per-class thresholds are tuned on val by threshold_metric; CIs resample patients (bootstrap 0 = off)."""
 
     threshold_metric: ThresholdMetric = "f1"
-    bootstrap: int = _f(1000, ge=0)
+    bootstrap: int = _f(1000, ge=0, doc="patient bootstrap resamples for CIs; 0 = off")
     ci_level: float = _f(0.95, gt=0, lt=1)
 
 
@@ -181,6 +182,40 @@ SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if 
 def config_keys() -> list[str]:
     """Every settable 'section.key', in declaration order (for docs, tune spaces and checks)."""
     return [f"{s}.{k}" for s in SECTIONS for k in _section_fields(s)]
+
+
+def describe_config(cfg: Config) -> list[tuple[str, str, str]]:
+    """(key, resolved value, allowed values or range) for every key, for `chexdist config show`."""
+    rows = []
+    for section in SECTIONS:
+        for key, f in _section_fields(section).items():
+            value = getattr(getattr(cfg, section), key)
+            shown = _show(value)
+            if (section, key) == ("data", "eval_resize"):
+                resolved = cfg.data.resolved_eval_resize
+                shown = f"{resolved} (derived)" if cfg.data.eval_resize_is_derived else str(resolved)
+            allowed = _describe_type(_FIELD_TYPES[section][key], f.metadata)
+            doc = f.metadata.get("doc")
+            rows.append((f"{section}.{key}", shown, f"{allowed}; {doc}" if doc else allowed))
+    return rows
+
+
+def _describe_type(tp: Any, limits: Mapping[str, Any]) -> str:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return f"{_describe_type(inner[0], limits)}, or null"
+    if origin is Literal:
+        return " | ".join(get_args(tp))
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        count = f"{limits['length']} " if limits.get("length") else ""
+        return f"list of {count}values, each {_describe_type(item_tp, limits)}"
+    if tp is bool:
+        return "true | false"
+    rule = " and ".join(f"{sym} {limits[name]}" for name, (sym, _) in _OPS.items() if limits.get(name) is not None)
+    name = {int: "integer", float: "number", str: "non-empty text" if limits.get("nonempty") else "text"}[tp]
+    return f"{name} {rule}" if rule else name
 
 
 # YAML

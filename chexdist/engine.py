@@ -18,6 +18,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from chexdist.losses import build_loss, pos_weight_from_counts
 from chexdist.metrics import per_class_metrics, tune_thresholds
 from chexdist.models import create_model, save_weights
 from chexdist.optim import build_optimizer, build_scheduler, step_scheduler
+from chexdist.progress import EpochProgress
 from chexdist.shardformat import load_manifest
 from chexdist.transforms import NORMALIZATION, build_transform
 
@@ -238,8 +240,10 @@ def _validate(model, accelerator, criterion, config: Config, manifest: dict) -> 
         raise ChexdistError(f"{config.data.shards}: the val split has no readable samples; repack with a val split")
     val_loss = float(criterion(preds.logits, preds.targets))
     probs, targets = preds.probs, preds.targets.numpy()
-    thresholds = tune_thresholds(probs, targets, metric=config.eval.threshold_metric)
-    metrics = per_class_metrics(probs, targets, thresholds=thresholds)
+    with warnings.catch_warnings():  # unscorable findings are named in the record (val_auc_undefined)
+        warnings.filterwarnings("ignore", message="per_class_metrics: ")
+        thresholds = tune_thresholds(probs, targets, metric=config.eval.threshold_metric)
+        metrics = per_class_metrics(probs, targets, thresholds=thresholds)
     return {"val_loss": val_loss, "metrics": metrics, "skipped": preds.skipped}
 
 
@@ -391,6 +395,13 @@ def fit(
                 accelerator.print(f"early stop: val mean AUC did not improve for {patience} epoch(s)")
                 break
     accelerator.wait_for_everyone()
+    if state.best_epoch < 0:
+        last = history[-1] if history else {}
+        raise ChexdistError(
+            f"{config.data.shards}: no epoch could be scored, so no best model was exported: val mean AUROC is "
+            f"undefined when no finding has both positives and negatives among the {last.get('val_samples', 0)} val "
+            "images (see val_auc_undefined in metrics.jsonl); repack with a larger val split"
+        )
     return FitResult(out, state.best_auc, state.best_epoch, state.epoch, stopped_early, world, accelerator.is_main_process, history)
 
 
@@ -437,10 +448,12 @@ def _banner(config: Config, accelerator, precision: str, train_images: int) -> s
 
 
 def _format_epoch(record: dict[str, Any], epochs: int) -> str:
+    undefined = record["val_auc_undefined"]
     return (
         f"epoch {record['epoch']}/{epochs}  step {record['step']}  lr {record['lr']:.2e}  "
         f"train_loss {record['train_loss']:.4f}  val_loss {record['val_loss']:.4f}  "
         f"val_auc {record['val_auc_mean']:.4f}  val_f1 {record['val_f1_mean']:.4f}  {record['seconds']:.1f}s"
+        + (f"  ({len(undefined)}/{len(record['val_auc'])} findings unscorable in val)" if undefined else "")
     )
 
 
@@ -457,10 +470,13 @@ def train_epoch(model, optimizer, criterion, accelerator, config: Config, loader
     resume_at = state.batch
     started = time.perf_counter() - state.epoch_seconds
     model.train()
-    from tqdm.auto import tqdm
+    bar = EpochProgress(num_batches, resume_at, f"epoch {state.epoch + 1}/{config.train.epochs}",
+                        enabled=progress and accelerator.is_local_main_process, log_every_s=config.train.log_every_s,
+                        images_per_batch=config.data.batch_size * accelerator.num_processes)
 
-    bar = tqdm(total=num_batches, initial=resume_at, desc=f"epoch {state.epoch + 1}", leave=False,
-               disable=not (progress and accelerator.is_local_main_process))
+    def running_loss() -> float:
+        return (state.loss_sum + loss_sum.item()) / max(1, state.loss_batches + state.batch - resume_at)
+
     for i, (images, targets) in enumerate(loader):
         if i < resume_at:
             continue
@@ -478,7 +494,7 @@ def train_epoch(model, optimizer, criterion, accelerator, config: Config, loader
         loss_sum += detached
         first_bad = torch.minimum(first_bad, torch.where(torch.isfinite(detached), math.inf, float(state.step + 1)))
         state.batch = i + 1
-        bar.update(1)
+        bar.update(running_loss, optimizer.param_groups[0]["lr"], state.step)
         if not sync:
             continue
         if clip:
@@ -500,7 +516,6 @@ def train_epoch(model, optimizer, criterion, accelerator, config: Config, loader
             loss_sum.zero_()
             resume_at = i + 1
             state.epoch_seconds = time.perf_counter() - started
-            bar.set_postfix(loss=f"{state.loss_sum / max(1, state.loss_batches):.4f}")
             if stop_requested:
                 bar.close()
                 raise Preempted(checkpointer.save())

@@ -194,6 +194,26 @@ class NihRelease:
         return self.table["image"][~self.table["image"].isin(self.images.keys())]
 
 
+def missing_by_folder(release: NihRelease) -> dict[str, int]:
+    """Rows without an image file, counted by the image folder whose name range (its first to last
+    file name) holds them, so a partly extracted archive shows as its folder; rows beyond every
+    folder's range (archives not downloaded) are counted under "(no folder)"."""
+    missing = np.sort(release.missing_images.to_numpy(dtype=str))
+    taken = np.zeros(len(missing), dtype=bool)
+    folders: dict[str, list[str]] = {}
+    for name, path in release.images.items():
+        folders.setdefault(path.parent.relative_to(release.root).as_posix() + "/", []).append(name)
+    counts: dict[str, int] = {}
+    for folder in sorted(folders):
+        names = folders[folder]
+        lo, hi = np.searchsorted(missing, min(names), "left"), np.searchsorted(missing, max(names), "right")
+        inside = ~taken[lo:hi]
+        counts[folder] = int(inside.sum())
+        taken[lo:hi] = True
+    counts["(no folder)"] = int((~taken).sum())
+    return {folder: n for folder, n in counts.items() if n}
+
+
 def load_release(root: str | os.PathLike, require_images: bool = True) -> NihRelease:
     root = Path(root)
     if not root.is_dir():

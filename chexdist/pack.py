@@ -25,7 +25,8 @@ from chexdist.errors import ChexdistError
 from chexdist.fileio import atomic_write_json, atomic_write_jsonl, dumps_json, sha256_file
 from chexdist.images import ImageDecodeError, decode_gray8, encode, load_gray8, resize_shorter
 from chexdist.labels import LABELS
-from chexdist.nih import NihRelease, load_release
+from chexdist.nih import NihRelease, load_release, missing_by_folder
+from chexdist.progress import interactive
 from chexdist.shardformat import FORMAT_VERSION, MANIFEST, iter_tar, load_manifest
 from chexdist.splits import METHODS, SPLITS, assign_split, check_no_leakage
 
@@ -48,6 +49,7 @@ class PackSettings:
     val_fraction: float = 0.1
     fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
     stratify: bool = False
+    only_present: bool = False
 
     def validate(self) -> None:
         if self.split not in METHODS:
@@ -98,8 +100,17 @@ def _sample_meta(row: pd.Series, split: str) -> dict:
 
 def plan_shards(release: NihRelease, settings: PackSettings) -> tuple[list[ShardPlan], pd.DataFrame]:
     """Split whole patients, order each split with a seeded shuffle (so shards mix patients), and
-    cut it into shards. Returns the plans and the rows whose image file is missing."""
+    cut it into shards. Returns the plans and the rows whose image file is missing.
+
+    By default the split is made over the whole CSV (a partial download gets the patients' places
+    in the full split); with only_present it is made over the rows whose files exist, as if the CSV
+    listed only those, so the split fractions hold for what is actually packed."""
     table = release.table
+    present = table["image"].isin(release.images.keys())
+    missing = table[~present]
+    if settings.only_present:
+        table = table[present]
+        present = present[present]
     split = assign_split(
         table,
         settings.split,
@@ -110,14 +121,12 @@ def plan_shards(release: NihRelease, settings: PackSettings) -> tuple[list[Shard
         seed=settings.seed,
         stratify=settings.stratify,
     )
-    present = table["image"].isin(release.images.keys())
     if not present.any():
         example = next(iter(release.images))
         raise ChexdistError(
             f"{release.root}: none of the {len(release.images)} image files (e.g. {example}) is listed in "
             f"{release.csv_path.name}; is --nih-root the right download?"
         )
-    missing = table[~present]
     packable = table[present].assign(split=split[present])
     if settings.limit is not None:
         packable = packable.iloc[: settings.limit]
@@ -247,7 +256,7 @@ def pack_dataset(
     from tqdm.auto import tqdm
 
     total = sum(len(p.rows) for p in todo)
-    bar = tqdm(total=total, desc=f"pack {out.name}", unit="img", disable=not progress or total == 0)
+    bar = tqdm(total=total, desc=f"pack {out.name}", unit="img", disable=not (progress and interactive()) or total == 0)
     tasks = ((row["path"], settings.size, settings.format, settings.quality) for p in todo for row in p.rows)
     if workers == 1:
         encoded = map(encode_sample, tasks)
@@ -261,14 +270,39 @@ def pack_dataset(
     bar.close()
 
     records = [done[p.name] for p in plans]
-    errors = [
+    listed_missing = [] if settings.only_present else [
         {"image": image, "path": None, "split": None, "reason": "missing: listed in the CSV, no file under --nih-root"}
         for image in missing["image"]
-    ] + [e for r in records for e in r["errors"]]
+    ]
+    errors = listed_missing + [e for r in records for e in r["errors"]]
     atomic_write_jsonl(out / ERRORS, errors)
     manifest = _build_manifest(release, settings, source_sha, records, errors)
+    manifest["missing"] = {
+        "rows": int(len(missing)),
+        "by_folder": missing_by_folder(release) if len(missing) else {},
+        "in_errors": not settings.only_present,
+    }
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def unscorable_splits(manifest: dict) -> dict[str, dict[str, str]]:
+    """Per evaluation split (val, test), the findings it cannot score: AUROC needs both positives and
+    negatives, so such a finding is null in every metric of that split."""
+    found = {}
+    for name in ("val", "test"):
+        info = manifest["splits"].get(name)
+        if info is None:
+            continue
+        n = info["samples"]
+        reasons = {
+            label: ("no positives" if k == 0 else "no negatives")
+            for label, k in info["positives"].items()
+            if k == 0 or k == n
+        }
+        if reasons:
+            found[name] = reasons
+    return found
 
 
 def _build_manifest(release: NihRelease, settings: PackSettings, source_sha: str, records: list[dict], errors: list[dict]) -> dict:

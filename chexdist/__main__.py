@@ -1,0 +1,7 @@
+"""`python -m chexdist ...` runs the `chexdist` command (for environments without the console script)."""
+
+import sys
+
+from chexdist.cli import main
+
+sys.exit(main())
