@@ -45,7 +45,7 @@ log = logging.getLogger("chexdist")
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: the run saved a checkpoint on SIGTERM/SIGUSR1; requeue and --resume
 CHECK_EVERY = 10  # optimizer steps between the cross-rank checks for preemption and non-finite loss
-RESUMABLE_KEYS = {"train.epochs", "data.num_workers", "data.shards", "eval.bootstrap"}
+RESUMABLE_KEYS = {"train.epochs", "data.num_workers", "data.shards", "eval.bootstrap", "train.log_every_s"}
 
 Report = Callable[[dict[str, Any]], None]
 
