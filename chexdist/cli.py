@@ -187,10 +187,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return code
     info = json.loads((out / "run" / "best.json").read_text())
     metrics = info["val_metrics"]
+    def cell(value: float | None, width: int) -> str:  # null = not scorable in val (strict JSON)
+        return f"{value:{width}.3f}" if value is not None else f"{'n/a':>{width}s}"
+
     print(f"\n{'finding':20s}{'val AUROC':>10s}{'val F1':>8s}{'threshold':>11s}")
     for label, auc in metrics["val_auc"].items():
-        print(f"{label:20s}{auc:10.3f}{metrics['val_f1'][label]:8.3f}{info['thresholds'][label]:11.3f}")
-    print(f"{'mean':20s}{metrics['val_auc_mean']:10.3f}{metrics['val_f1_mean']:8.3f}")
+        print(f"{label:20s}{cell(auc, 10)}{cell(metrics['val_f1'][label], 8)}{cell(info['thresholds'][label], 11)}")
+    print(f"{'mean':20s}{cell(metrics['val_auc_mean'], 10)}{cell(metrics['val_f1_mean'], 8)}")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s: best epoch {info['epoch']}, "
           f"run folder {out / 'run'}")
     return 0
