@@ -89,6 +89,7 @@ def test_pack_only_present_with_the_full_table(packed):
     assert strict_json_files(out)
 
 
+@pytest.mark.slow
 def test_a_run_that_cannot_be_scored_exits_non_zero_with_one_line(packed, tmp_path):
     shards, _ = packed["val1"]
     assert json.loads((shards / "manifest.json").read_text())["splits"]["val"]["samples"] == 1
