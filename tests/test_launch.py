@@ -15,21 +15,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.test_train import train_shards as shards  # noqa: F401  (900 synthetic images, module-scoped)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
 DETERMINISTIC = ("train.epochs=3", "train.deterministic=true", "train.checkpoint_every=5")
 EPOCH_STEPS = 21  # 672 train images / 2 ranks / batch 16; checkpoints every 5 steps keep signals mid-epoch
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from chexdist.pack import PackSettings, pack_dataset
-    from chexdist.synth import make_synthetic_nih
-
-    root = tmp_path_factory.mktemp("launch-data")
-    make_synthetic_nih(root / "nih", images=900, size=96, seed=0)
-    pack_dataset(root / "nih", root / "shards", PackSettings(split="official", size=72, shard_size=100), workers=2, progress=False)
-    return root / "shards"
 
 
 def train_cmd(shards: Path | str, out: Path, *extra: str, sets: tuple[str, ...] = DETERMINISTIC) -> list[str]:
@@ -89,6 +79,8 @@ def reference(shards, tmp_path_factory) -> Path:
     done = run(train_cmd(shards, out, "--resume", "auto"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" not in done.stdout and not (out / "PREEMPTED").exists()
+    assert "on 2 process(es), MULTI_CPU" in done.stdout
+    assert "defaults used instead" not in done.stderr and "Traceback" not in done.stderr
     assert len(metrics(out)) == 3
     return out
 
@@ -168,11 +160,11 @@ def test_accelerate_launch_errors_come_from_rank_0_only(shards, tmp_path):
             "--recipe", "tiny", "--out", str(tmp_path / "run")]
     bad_key = run([*base, "--shards", str(shards), "--set", "loss.name=hinge"], env=env, timeout=300)
     assert bad_key.returncode != 0
-    assert [line for line in bad_key.stderr.splitlines() if "chexdist" in line] == [
-        line for line in bad_key.stderr.splitlines() if line.startswith("chexdist: error: config key 'loss.name': 'hinge'")]
-    assert bad_key.stderr.count("chexdist: error:") == 1
+    errors = [line for line in bad_key.stderr.splitlines() if line.startswith("chexdist:")]
+    assert len(errors) == 1 and errors[0].startswith("chexdist: error: config key 'loss.name': 'hinge'"), bad_key.stderr[-3000:]
 
     no_shards = run([*base, "--shards", str(tmp_path / "none")], env=env, timeout=300)  # found by rank 0's preflight in fit
     assert no_shards.returncode != 0
-    assert no_shards.stderr.count("chexdist: error:") == 1 and "no manifest" in no_shards.stderr
+    errors = [line for line in no_shards.stderr.splitlines() if line.startswith("chexdist:")]
+    assert len(errors) == 1 and errors[0].startswith("chexdist: error: ") and "no manifest" in errors[0], no_shards.stderr[-3000:]
     assert not (tmp_path / "run").exists()
