@@ -20,6 +20,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import torch
 from chexdist import __version__
 from chexdist.config import Config, config_from_dict, config_to_dict, eval_crop_warning, load_yaml, save_config
 from chexdist.data import build_train_loader
-from chexdist.errors import ChexdistError
+from chexdist.errors import EXIT_INTERRUPTED, EXIT_REQUEUE, ChexdistError
 from chexdist.fileio import append_jsonl, atomic_write_json, atomic_write_jsonl
 from chexdist.inference import predict_split
 from chexdist.labels import LABELS
@@ -38,27 +39,37 @@ from chexdist.metrics import per_class_metrics, tune_thresholds
 from chexdist.models import create_model, save_weights
 from chexdist.optim import build_optimizer, build_scheduler, step_scheduler
 from chexdist.progress import EpochProgress
-from chexdist.shardformat import load_manifest
+from chexdist.shardformat import load_manifest, split_shards
 from chexdist.transforms import NORMALIZATION, build_transform
 
 log = logging.getLogger("chexdist")
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: the run saved a checkpoint on SIGTERM/SIGUSR1; requeue and --resume
 CHECK_EVERY = 10  # optimizer steps between the cross-rank checks for preemption and non-finite loss
 RESUMABLE_KEYS = {"train.epochs", "data.num_workers", "data.shards", "eval.bootstrap", "train.log_every_s"}
+PREEMPTED_MARKER = "PREEMPTED"  # in the run folder while the run waits for --resume after a signal
 
 Report = Callable[[dict[str, Any]], None]
 
 
 class Preempted(Exception):
-    """SIGTERM/SIGUSR1 arrived; a checkpoint was saved. Exit with EXIT_REQUEUE and resume later."""
+    """A stop signal arrived and a checkpoint was saved; `exit_code` is 75 (requeue and --resume) for
+    SIGTERM/SIGUSR1 and 130 for SIGINT. Every rank raises it at the same step."""
 
-    def __init__(self, checkpoint: Path):
-        super().__init__(f"preempted: saved {checkpoint}; rerun with --resume to continue")
-        self.checkpoint = checkpoint
+    def __init__(self, checkpoint: Path, signum: int = signal.SIGTERM):
+        self.checkpoint, self.signum = checkpoint, signal.Signals(signum)
+        super().__init__(f"{self.signum.name}: saved checkpoint {checkpoint}; rerun with --resume to continue")
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.signum == signal.SIGINT else EXIT_REQUEUE
 
 
-class NonFiniteLoss(ChexdistError):
+class SameOnAllRanks(ChexdistError):
+    """Raised identically by every rank (a rank-0 decision or a cross-rank agreement), so one report
+    from rank 0 is the whole story."""
+
+
+class NonFiniteLoss(SameOnAllRanks):
     pass
 
 
@@ -97,13 +108,22 @@ class FitResult:
 
 
 class StopFlag:
-    """Records SIGTERM/SIGUSR1 (SLURM preemption) so the loop can checkpoint at a safe point."""
+    """Records the first SIGTERM/SIGUSR1 (SLURM preemption) or SIGINT (Ctrl-C) so the loop checkpoints
+    at the next safe point. After a SIGINT, SIGINT gets its default action again, so a second Ctrl-C
+    ends the process at once (a checkpoint is written under a temp name, so none is left half-done).
+    DataLoader workers forked meanwhile inherit the handler and ignore the signal: their rank acts."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self) -> None:
-        self.raised = False
+    def __init__(self, announce: bool = True) -> None:
+        self.signum = 0
+        self.announce = announce
+        self._pid = os.getpid()
         self._previous: dict[int, Any] = {}
+
+    @property
+    def raised(self) -> bool:
+        return self.signum != 0
 
     def __enter__(self) -> StopFlag:
         if _in_main_thread():
@@ -112,8 +132,16 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.raised = True
-        log.warning("received %s: will checkpoint and exit at the next safe point", signal.Signals(signum).name)
+        if os.getpid() != self._pid:
+            return
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if self.signum:
+            return
+        self.signum = signum
+        if self.announce:
+            again = "; Ctrl-C again aborts without saving" if signum == signal.SIGINT else ""
+            log.warning("received %s: will checkpoint and stop at the next safe point%s", signal.Signals(signum).name, again)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -179,17 +207,101 @@ class Checkpointer:
 
 
 def _resolve_resume(out: Path, resume: bool | str | None) -> Path | None:
+    """The checkpoint to continue from: `latest` (or True) must find one, `auto` starts fresh when
+    there is none (SLURM requeue scripts pass it on every start), anything else is a folder."""
     if not resume:
         return None
-    if resume is True or resume == "latest":
+    if resume is True or resume in ("latest", "auto"):
         found = list_checkpoints(out)
-        if not found:
-            raise ChexdistError(f"{out}: --resume found no checkpoint under {out / 'checkpoints'}")
-        return found[-1]
+        if found:
+            return found[-1]
+        if resume == "auto":
+            return None
+        raise ChexdistError(f"{out}: --resume found no checkpoint under {out / 'checkpoints'}; use --resume auto to start fresh when there is none")
     path = Path(resume)
     if not path.is_dir():
         raise ChexdistError(f"--resume {path}: not a checkpoint folder")
+    if not (path / Checkpointer.STATE_FILE).is_file():
+        raise ChexdistError(f"{path}: not a complete chexdist checkpoint (no {Checkpointer.STATE_FILE})")
     return path
+
+
+@dataclass
+class Preflight:
+    """What `preflight` checked and decided: the manifest, and the checkpoint to resume (None: fresh)."""
+
+    manifest: dict
+    resume_from: Path | None
+
+
+def preflight(config: Config, out: str | os.PathLike, resume: bool | str | None) -> Preflight:
+    """Every check that needs no process group: config, shards manifest, run folder against --resume,
+    resume state. `chexdist train --nproc N` runs it before starting any worker; `fit` runs it on rank 0."""
+    out = Path(out)
+    if not config.data.shards:
+        raise ChexdistError("config key 'data.shards' is empty; pass --shards DIR or --set data.shards=DIR")
+    manifest = load_manifest(config.data.shards)
+    for split in ("train", "val"):
+        if sum(entry["samples"] for entry in split_shards(manifest, split, str(config.data.shards))) == 0:
+            raise ChexdistError(f"{config.data.shards}: the {split} split is empty; repack with a {split} split")
+    resume_from = _resolve_resume(out, resume)
+    if resume_from is None and resume != "auto" and list_checkpoints(out):
+        raise ChexdistError(f"{out}: already has checkpoints; pass --resume to continue it or choose a new --out")
+    if resume_from is not None:
+        _check_resume_config(out, config)
+    return Preflight(manifest, resume_from)
+
+
+def _agreed_preflight(accelerator, config: Config, out: Path, resume: bool | str | None) -> Preflight:
+    """Rank 0 runs `preflight` and every rank follows its answer, so nodes never disagree about the
+    run folder (which checkpoint is latest, whether there is one). Multi-node needs a shared filesystem."""
+    if accelerator.num_processes == 1:
+        return preflight(config, out, resume)
+    from accelerate.utils import broadcast_object_list
+
+    answer: list[Preflight | str | None] = [None]
+    if accelerator.is_main_process:
+        try:
+            answer[0] = preflight(config, out, resume)
+        except ChexdistError as exc:
+            answer[0] = str(exc)
+    broadcast_object_list(answer)
+    if isinstance(answer[0], str):
+        raise SameOnAllRanks(answer[0])
+    return answer[0]
+
+
+def _agreed_signal(accelerator, stop: StopFlag) -> int:
+    """The stop signal all ranks act on (0: none): the first rank's that has one."""
+    if accelerator.num_processes == 1:
+        return stop.signum
+    flags = accelerator.gather(torch.tensor([float(stop.signum)], device=accelerator.device))
+    return _first_signal(flags)
+
+
+def _first_signal(signums: torch.Tensor) -> int:
+    raised = signums[signums > 0]
+    return int(raised[0]) if len(raised) else 0
+
+
+def _stop(checkpointer: Checkpointer, checkpoint: Path, signum: int) -> None:
+    """Leave the run resumable and say so: rank 0 writes OUT/PREEMPTED (what a requeue script reads,
+    since launchers turn the exit code into 1), then every rank raises Preempted."""
+    state = checkpointer.state
+    if checkpointer.accelerator.is_main_process:
+        atomic_write_json(checkpointer.out / PREEMPTED_MARKER, {
+            "signal": signal.Signals(signum).name,
+            "checkpoint": str(checkpoint.resolve()),
+            "epoch": state.epoch,
+            "step": state.step,
+            "batch": state.batch,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
+    raise Preempted(checkpoint, signum)
+
+
+def clear_preempted(out: Path) -> None:
+    (out / PREEMPTED_MARKER).unlink(missing_ok=True)
 
 
 def _check_resume_config(out: Path, config: Config) -> None:
@@ -290,20 +402,18 @@ def fit(
     progress: bool = True,
 ) -> FitResult:
     """Train `config` into run folder `out`. `report(record)` is called after every epoch on every rank
-    (Ray Tune passes one). Raises Preempted after saving on SIGTERM/SIGUSR1, NonFiniteLoss on nan/inf."""
-    out = Path(out)
-    if not config.data.shards:
-        raise ChexdistError("config key 'data.shards' is empty; pass --shards DIR or --set data.shards=DIR")
-    manifest = load_manifest(config.data.shards)
-    if manifest["splits"]["train"]["samples"] == 0:
-        raise ChexdistError(f"{config.data.shards}: the train split is empty")
-    resume_from = _resolve_resume(out, resume)
-    if resume_from is None and list_checkpoints(out):
-        raise ChexdistError(f"{out}: already has checkpoints; pass --resume to continue it or choose a new --out")
-    if resume_from is not None:
-        _check_resume_config(out, config)
-
+    (Ray Tune passes one). `resume`: None, "latest" (or True), "auto" (latest if any, else fresh) or a
+    checkpoint folder. On SIGTERM/SIGUSR1/SIGINT it saves at the next safe point (the next cross-rank
+    check in an epoch, or right after validation or a save), writes OUT/PREEMPTED and raises Preempted;
+    NonFiniteLoss on nan/inf; ChexdistError for anything `preflight` refuses."""
     accelerator = accelerator or _make_accelerator(config)
+    with StopFlag(announce=accelerator.is_main_process) as stop:
+        return _fit(config, Path(out), resume, report, accelerator, progress, stop)
+
+
+def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, progress: bool, stop: StopFlag) -> FitResult:
+    checked = _agreed_preflight(accelerator, config, out, resume)
+    manifest, resume_from = checked.manifest, checked.resume_from
     from accelerate.utils import set_seed
 
     if config.train.deterministic:
@@ -334,6 +444,8 @@ def fit(
     if resume_from is not None:
         checkpointer.load(resume_from)
         accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.step}, batch {state.batch})")
+    if accelerator.is_main_process:
+        clear_preempted(out)
     accelerator.print(_banner(config, accelerator, precision, train_info["samples"]))
     if accelerator.is_main_process and (warning := eval_crop_warning(config)):
         log.warning(warning)
@@ -349,52 +461,55 @@ def fit(
         degrees=config.aug.degrees,
         translate=config.aug.translate,
     )
-    history = _resumed_history(out, state.epoch, accelerator.is_main_process) if resume_from is not None else []
+    history = _resumed_history(out, state.epoch, accelerator.is_main_process)
     stopped_early = False
-    with StopFlag() as stop:
-        while state.epoch < config.train.epochs:
-            loader, num_batches = build_train_loader(
-                config.data.shards,
-                config.data.batch_size,
-                transform,
-                config.data.num_workers,
-                world,
-                rank,
-                seed=config.train.seed,
-                epoch=state.epoch,
-                shuffle_buffer=config.data.shuffle_buffer,
-                max_batches=config.data.max_train_batches,
-                manifest=manifest,
-                pin_memory=accelerator.device.type == "cuda",
-                normalize_in_loader=False,
-            )
-            train_epoch(model, optimizer, criterion, accelerator, config, loader, num_batches, state, stop, checkpointer, progress)
-            val = _validate(model, accelerator, criterion, config, manifest)
-            step_scheduler(scheduler, val["val_loss"])
-            state.epoch += 1
-            lr = optimizer.param_groups[0]["lr"]
-            record = _epoch_record(state, lr, val, world, precision)
-            history.append(record)
-            improved = record["val_auc_mean"] > state.best_auc
+    while state.epoch < config.train.epochs:
+        loader, num_batches = build_train_loader(
+            config.data.shards,
+            config.data.batch_size,
+            transform,
+            config.data.num_workers,
+            world,
+            rank,
+            seed=config.train.seed,
+            epoch=state.epoch,
+            shuffle_buffer=config.data.shuffle_buffer,
+            max_batches=config.data.max_train_batches,
+            manifest=manifest,
+            pin_memory=accelerator.device.type == "cuda",
+            normalize_in_loader=False,
+        )
+        train_epoch(model, optimizer, criterion, accelerator, config, loader, num_batches, state, stop, checkpointer, progress)
+        val = _validate(model, accelerator, criterion, config, manifest)
+        step_scheduler(scheduler, val["val_loss"])
+        state.epoch += 1
+        lr = optimizer.param_groups[0]["lr"]
+        record = _epoch_record(state, lr, val, world, precision)
+        history.append(record)
+        improved = record["val_auc_mean"] > state.best_auc
+        if improved:
+            state.best_auc, state.best_epoch, state.bad_epochs = record["val_auc_mean"], state.epoch, 0
+        else:
+            state.bad_epochs += 1
+        state.batch, state.loss_sum, state.loss_batches, state.epoch_seconds = 0, 0.0, 0, 0.0
+        if accelerator.is_main_process:
+            append_jsonl(out / "metrics.jsonl", record)
+            accelerator.print(_format_epoch(record, config.train.epochs))
             if improved:
-                state.best_auc, state.best_epoch, state.bad_epochs = record["val_auc_mean"], state.epoch, 0
-            else:
-                state.bad_epochs += 1
-            state.batch, state.loss_sum, state.loss_batches, state.epoch_seconds = 0, 0.0, 0, 0.0
-            if accelerator.is_main_process:
-                append_jsonl(out / "metrics.jsonl", record)
-                accelerator.print(_format_epoch(record, config.train.epochs))
-                if improved:
-                    export_best(accelerator.unwrap_model(model), out, _best_info(config, record, manifest))
-            checkpointer.save()
-            if report is not None:
-                report(record)
-            patience = config.train.early_stop_patience
-            if patience and state.bad_epochs >= patience:
-                stopped_early = True
-                accelerator.print(f"early stop: val mean AUC did not improve for {patience} epoch(s)")
-                break
+                export_best(accelerator.unwrap_model(model), out, _best_info(config, record, manifest))
+        saved = checkpointer.save()
+        if report is not None:
+            report(record)
+        patience = config.train.early_stop_patience
+        if patience and state.bad_epochs >= patience:
+            stopped_early = True
+            accelerator.print(f"early stop: val mean AUC did not improve for {patience} epoch(s)")
+            break
+        if state.epoch < config.train.epochs and (signum := _agreed_signal(accelerator, stop)):
+            _stop(checkpointer, saved, signum)  # a signal during validation, export_best or the save
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        clear_preempted(out)
     if state.best_epoch < 0:
         last = history[-1] if history else {}
         raise ChexdistError(
@@ -504,9 +619,10 @@ def train_epoch(model, optimizer, criterion, accelerator, config: Config, loader
         state.step += 1
         last = state.batch == num_batches
         every = config.train.checkpoint_every
+        # only at these steps (where the loss is folded) so that a resumed run sums it as an unbroken one
         if state.step % CHECK_EVERY == 0 or last or (every and state.step % every == 0):
-            flags = accelerator.gather(torch.stack([torch.tensor(float(stop.raised), device=device), first_bad])[None])
-            stop_requested, bad_step = bool(flags[:, 0].max() > 0), float(flags[:, 1].min())
+            flags = accelerator.gather(torch.stack([torch.tensor(float(stop.signum), device=device), first_bad])[None])
+            signum, bad_step = _first_signal(flags[:, 0]), float(flags[:, 1].min())
             if math.isfinite(bad_step):
                 raise NonFiniteLoss(
                     f"loss became nan/inf at step {int(bad_step)} (epoch {state.epoch + 1}); lower optim.lr, "
@@ -516,11 +632,14 @@ def train_epoch(model, optimizer, criterion, accelerator, config: Config, loader
             loss_sum.zero_()
             resume_at = i + 1
             state.epoch_seconds = time.perf_counter() - started
-            if stop_requested:
+            if signum:
                 bar.close()
-                raise Preempted(checkpointer.save())
+                _stop(checkpointer, checkpointer.save(), signum)
             if every and state.step % every == 0 and not last:
-                checkpointer.save()
+                saved = checkpointer.save()
+                if signum := _agreed_signal(accelerator, stop):  # arrived during the save
+                    bar.close()
+                    _stop(checkpointer, saved, signum)
     bar.close()
     state.epoch_seconds = time.perf_counter() - started
 
