@@ -366,15 +366,15 @@ def _set(cfg: Config, section: Any, key: Any, value: Any) -> None:
 
 def _check_cross(cfg: Config) -> None:
     """Rules that involve two keys; each names the key to change."""
+    from chexdist.models import check_input_size
+
+    check_input_size(cfg.model.name, cfg.data.image_size)
     if cfg.data.eval_resize < cfg.data.image_size:
         raise ChexdistError(
             f"config key 'data.eval_resize': {cfg.data.eval_resize} is smaller than data.image_size "
             f"{cfg.data.image_size} (eval center-crops image_size from it); "
             f"set data.eval_resize >= {cfg.data.image_size}"
         )
-    from chexdist.models import check_input_size
-
-    check_input_size(cfg.model.name, cfg.data.image_size)
     if cfg.optim.name == "sgd" and cfg.optim.nesterov and cfg.optim.momentum == 0:
         raise ChexdistError("config key 'optim.nesterov': true needs optim.momentum > 0 with sgd")
     if cfg.sched.name == "plateau" and cfg.sched.warmup_epochs:

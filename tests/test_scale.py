@@ -153,6 +153,7 @@ for precision, launcher, _, _ in json.loads(sys.argv[1]):
 """
 
 
+@pytest.mark.slow
 def test_precision_is_passed_explicitly():
     done = run([sys.executable, "-c", PRECISION_PROBE, json.dumps(PRECISION_CASES)], timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -160,6 +161,7 @@ def test_precision_is_passed_explicitly():
     assert got == [[in_force, notice] for _, _, in_force, notice in PRECISION_CASES]
 
 
+@pytest.mark.slow
 def test_unsupported_distributed_type_is_refused(train_shards, tmp_path):
     """FSDP/DeepSpeed need GPUs; the state Accelerate would report for them is set by hand here."""
     script = f"""
