@@ -25,14 +25,9 @@ from chexdist.data import build_train_loader, decode_gray
 from chexdist.errors import ChexdistError
 from chexdist.fileio import dumps_json
 from chexdist.labels import NUM_LABELS
-from chexdist.nih import IMAGE_SUFFIXES
-from chexdist.shardformat import iter_tar, load_manifest, shard_urls
+from chexdist.nih import DATA_ENTRY_COLUMNS as _CSV_HEADER, IMAGE_SUFFIXES
+from chexdist.shardformat import IMAGE_KEYS, iter_tar, load_manifest, shard_urls
 from chexdist.transforms import build_transform
-
-_CSV_HEADER = [
-    "Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
-    "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]",
-]
 
 
 # ---------------------------------------------------------------- loader suite
@@ -129,7 +124,7 @@ def _as_engine_consumes(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 def _decode_only(shard_dir: Path, transform: Callable[[torch.Tensor], torch.Tensor]) -> Timing:
     """Bare decode + transform of the shard images on one thread, bytes already in memory."""
     blobs = [
-        next(sample[k] for k in ("png", "jpg", "jpeg") if k in sample)
+        next(sample[k] for k in IMAGE_KEYS if k in sample)
         for url in shard_urls(shard_dir, "train")
         for sample in iter_tar(url)
     ]

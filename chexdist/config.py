@@ -31,7 +31,8 @@ OptimName = Literal["adam", "adamw", "sgd"]
 SchedName = Literal["plateau", "cosine", "step", "none"]
 AugPreset = Literal["none", "flip", "dannynet", "strong"]
 HeadName = Literal["linear", "dense_bn"]
-Precision = Literal["no", "bf16", "fp16"]
+Precision = Literal["no", "bf16", "fp16", "auto"]
+LrScaling = Literal["none", "linear", "sqrt"]
 ThresholdMetric = Literal["f1"]
 
 
@@ -60,7 +61,8 @@ class DataConfig:
     image_size: int = _f(224, ge=16)
     crop_pct: float = _f(0.875, gt=0, le=1)
     eval_resize: int | None = _f(0, ge=0, doc="0 or null = floor(image_size / crop_pct)")
-    batch_size: int = _f(16, ge=1, doc="per process")
+    batch_size: int = _f(16, ge=1, doc="per process; with global_batch_size > 0, the most per process")
+    global_batch_size: int = _f(0, ge=0, doc="0 = batch_size x processes x grad_accum; see resolve_batch")
     eval_batch_size: int = _f(0, ge=0, doc="0 = 2 * batch_size")
     num_workers: int = _f(2, ge=0)
     shuffle_buffer: int = _f(1000, ge=0)
@@ -105,6 +107,8 @@ class OptimConfig:
     momentum: float = _f(0.9, ge=0, lt=1)
     betas: list[float] = _f([0.9, 0.999], ge=0, lt=1, length=2)
     nesterov: bool = False
+    lr_scaling: LrScaling = "none"  # lr x (global batch / lr_reference_batch) (linear) or its sqrt
+    lr_reference_batch: int = _f(0, ge=0)  # the global batch optim.lr was tuned at
 
 
 @dataclass
@@ -138,7 +142,11 @@ class AugConfig:
 
 @dataclass
 class TrainConfig:
-    """Loop control. early_stop_patience counts epochs without a better val mean AUC (0 = off)."""
+    """Loop control. early_stop_patience counts epochs without a better val mean AUC (0 = off).
+
+    precision no|bf16|fp16 is passed to Accelerate as is (the launcher's --mixed_precision, env and
+    accelerate config are ignored); auto takes the launcher's.
+    """
 
     epochs: int = _f(3, ge=1)
     precision: Precision = "no"
@@ -413,6 +421,9 @@ def _set(cfg: Config, section: Any, key: Any, value: Any) -> None:
 
 def _check_cross(cfg: Config) -> None:
     """Rules that involve two keys; each names the key to change."""
+    from chexdist.models import check_input_size
+
+    check_input_size(cfg.model.name, cfg.data.image_size)
     if cfg.data.eval_resize and cfg.data.eval_resize < cfg.data.image_size:
         raise ChexdistError(
             f"config key 'data.eval_resize': {cfg.data.eval_resize} is smaller than data.image_size "
@@ -424,6 +435,11 @@ def _check_cross(cfg: Config) -> None:
     if cfg.sched.name == "plateau" and cfg.sched.warmup_epochs:
         raise ChexdistError(
             "config key 'sched.warmup_epochs': warmup is not supported with sched.name=plateau; use cosine or step"
+        )
+    if cfg.optim.lr_scaling != "none" and not cfg.optim.lr_reference_batch:
+        raise ChexdistError(
+            f"config key 'optim.lr_reference_batch': must be > 0 with optim.lr_scaling={cfg.optim.lr_scaling}; "
+            "set it to the global batch optim.lr was tuned at"
         )
     if cfg.sched.min_lr > cfg.optim.lr:
         raise ChexdistError(
@@ -443,6 +459,52 @@ def eval_crop_warning(cfg: Config) -> str | None:
         f"evaluation keeps only {kept:.0%} of the image area (Resize {data.resolved_eval_resize} + CenterCrop "
         f"{data.image_size}, from {source}); set data.eval_resize=0 and data.crop_pct=0.875 to keep most of it"
     )
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What one world size makes of the config: per-process batch, accumulation, the global batch
+    (per process x processes x accumulation) and the lr after optim.lr_scaling."""
+
+    batch_size: int
+    grad_accum: int
+    global_batch: int
+    lr: float
+    world_size: int
+
+
+def resolve_batch(cfg: Config, world_size: int) -> BatchPlan:
+    """The batch plan on `world_size` processes.
+
+    data.global_batch_size = 0: data.batch_size per process and train.grad_accum as given.
+    Otherwise the global batch is fixed whatever the process count: the smallest accumulation
+    a >= train.grad_accum with global % (world_size * a) == 0 and global / (world_size * a) <=
+    data.batch_size (the per-process ceiling) is used; a size that cannot be split is refused.
+    """
+    if world_size < 1:
+        raise ChexdistError(f"world size must be >= 1, got {world_size}")
+    wanted, cap, accum = cfg.data.global_batch_size, cfg.data.batch_size, cfg.train.grad_accum
+    if not wanted:
+        per = cap
+    else:
+        for accum in range(accum, wanted // world_size + 1):
+            if wanted % (world_size * accum) == 0 and wanted // (world_size * accum) <= cap:
+                break
+        else:
+            unit = world_size * cfg.train.grad_accum
+            near = max(unit, round(wanted / unit) * unit)
+            raise ChexdistError(
+                f"config key 'data.global_batch_size': {wanted} does not split over {world_size} process(es) x "
+                f"train.grad_accum >= {cfg.train.grad_accum} with at most data.batch_size={cap} per process; "
+                f"set data.global_batch_size to a multiple of {unit} (e.g. {near}) or 0, or use a process count that divides {wanted}"
+            )
+        per = wanted // (world_size * accum)
+    global_batch = per * world_size * accum
+    lr = cfg.optim.lr
+    if cfg.optim.lr_scaling != "none":
+        ratio = global_batch / cfg.optim.lr_reference_batch
+        lr *= ratio if cfg.optim.lr_scaling == "linear" else math.sqrt(ratio)
+    return BatchPlan(batch_size=per, grad_accum=accum, global_batch=global_batch, lr=lr, world_size=world_size)
 
 
 def validate_config(cfg: Config) -> Config:

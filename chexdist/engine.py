@@ -10,6 +10,7 @@ best.json (the best epoch by val mean AUROC, with val-tuned thresholds).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -25,10 +26,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from chexdist import __version__
-from chexdist.config import Config, config_from_dict, config_to_dict, eval_crop_warning, load_yaml, save_config
+from chexdist.config import BatchPlan, Config, config_from_dict, config_to_dict, eval_crop_warning, load_yaml, resolve_batch, save_config
 from chexdist.data import build_train_loader
 from chexdist.errors import EXIT_INTERRUPTED, EXIT_REQUEUE, ChexdistError
 from chexdist.fileio import append_jsonl, atomic_write_json, atomic_write_jsonl
@@ -36,17 +38,31 @@ from chexdist.inference import predict_split
 from chexdist.labels import LABELS
 from chexdist.losses import build_loss, pos_weight_from_counts
 from chexdist.metrics import per_class_metrics, tune_thresholds
-from chexdist.models import create_model, save_weights
+from chexdist.models import create_model, model_normalization, save_weights
 from chexdist.optim import build_optimizer, build_scheduler, step_scheduler
 from chexdist.progress import EpochProgress
 from chexdist.shardformat import load_manifest, split_shards
-from chexdist.transforms import NORMALIZATION, build_transform
+from chexdist.transforms import build_transform
 
 log = logging.getLogger("chexdist")
 
 CHECK_EVERY = 10  # optimizer steps between the cross-rank checks for preemption and non-finite loss
+# Keys a --resume may change. data.num_workers changes the data plan: allowed at an epoch boundary,
+# refused mid-epoch by the shape check (see SHAPE_KEYS).
 RESUMABLE_KEYS = {"train.epochs", "data.num_workers", "data.shards", "eval.bootstrap", "train.log_every_s"}
 PREEMPTED_MARKER = "PREEMPTED"  # in the run folder while the run waits for --resume after a signal
+# What an epoch's data plan and step grouping depend on besides the config: stored in
+# trainer_state.pt, compared on --resume (TrainState field -> how the user sets it).
+SHAPE_KEYS = {
+    "world_size": "processes",
+    "num_workers": "data.num_workers",
+    "batch_size": "per-process batch",
+    "grad_accum": "train.grad_accum",
+}
+# Accelerate types whose state this loop handles (DDP or one process); FSDP/DeepSpeed/XLA/Megatron
+# shard or place state differently (export_best on the main process alone would deadlock).
+SUPPORTED_DISTRIBUTED = {"NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA",
+                         "MULTI_MUSA", "MULTI_HPU", "MULTI_NEURON"}
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -86,6 +102,11 @@ class TrainState:
     best_auc: float = -math.inf
     best_epoch: int = -1
     bad_epochs: int = 0
+    # the shape the current epoch's plan was made for (0 = a checkpoint from before it was recorded)
+    world_size: int = 0
+    num_workers: int = 0
+    batch_size: int = 0
+    grad_accum: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,14 +217,59 @@ class Checkpointer:
         acc.wait_for_everyone()
         return final
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, seed: int) -> None:
+        """Restore `path` into a run whose state holds the current shape (SHAPE_KEYS).
+
+        Another shape is allowed at an epoch boundary and said in one line; mid-epoch it is refused
+        (the rest of the epoch was planned for the old shape). RNG states are restored only on the
+        same world size with every rank's file present; otherwise each rank is reseeded from
+        (seed, epoch, rank) and that is said in one line, instead of Accelerate's silent skip.
+        """
+        acc = self.accelerator
         state_file = path / self.STATE_FILE
         if not state_file.is_file():
             raise ChexdistError(f"{path}: not a complete chexdist checkpoint (no {self.STATE_FILE})")
-        self.accelerator.load_state(str(path))
         saved = torch.load(state_file, map_location="cpu", weights_only=True)
+        now = {k: getattr(self.state, k) for k in SHAPE_KEYS}
+        was = {k: saved["train_state"].get(k, 0) for k in SHAPE_KEYS}
+        changed = {k: (was[k], now[k]) for k in SHAPE_KEYS if was[k] and was[k] != now[k]}
+        mid_epoch = saved["train_state"].get("batch", 0) > 0
+        if changed and mid_epoch:
+            raise ChexdistError(_shape_refusal(path, saved["train_state"], changed))
+        if changed:
+            acc.print(f"resuming at an epoch boundary on another shape ({_describe(changed)}): the next epochs are planned for the new one")
+        elif mid_epoch and not was["world_size"]:
+            acc.print(f"{path}: checkpoint predates shape recording; assuming it was saved on this shape")
+        rng_files = sorted(path.glob("random_states_*.pkl"))
+        acc.load_state(str(path))
         self.state.load_state_dict(saved["train_state"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        expected = [path / f"random_states_{r}.pkl" for r in range(acc.num_processes)]
+        if not all(f in rng_files for f in expected) or len(rng_files) != acc.num_processes:
+            from accelerate.utils import set_seed
+
+            set_seed(int(np.random.SeedSequence([seed, self.state.epoch, acc.process_index]).generate_state(1)[0]))
+            acc.print(
+                f"RNG states not restored: {path.name} holds {len(rng_files)} rank state(s), this run has "
+                f"{acc.num_processes} process(es); each rank reseeded from (train.seed, epoch, rank)"
+            )
+        for key, value in now.items():
+            setattr(self.state, key, value)
+
+
+def _describe(changed: dict[str, tuple[int, int]]) -> str:
+    return ", ".join(f"{SHAPE_KEYS[k]} {old} -> {new}" for k, (old, new) in changed.items())
+
+
+def _shape_refusal(path: Path, saved: dict[str, Any], changed: dict[str, tuple[int, int]]) -> str:
+    old = {k: saved[k] for k in SHAPE_KEYS}
+    return (
+        f"{path}: saved mid-epoch (epoch {saved['epoch'] + 1}, batch {saved['batch']}) on another shape "
+        f"({_describe(changed)}); the rest of that epoch is planned for the old shape, so resume it with "
+        f"{old['world_size']} process(es) and data.num_workers={old['num_workers']} (per-process batch "
+        f"{old['batch_size']}, train.grad_accum {old['grad_accum']}); from the next epoch-boundary checkpoint on, "
+        "any shape can resume"
+    )
 
 
 def _resolve_resume(out: Path, resume: bool | str | None) -> Path | None:
@@ -341,13 +407,46 @@ def export_best(model: torch.nn.Module, out: Path, info: dict[str, Any]) -> None
 
 
 def _make_accelerator(config: Config):
+    """Accelerator with train.precision passed explicitly: the launcher's --mixed_precision, the
+    environment and the accelerate config apply only with train.precision=auto."""
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=config.train.precision if config.train.precision != "no" else None)
+    wanted = None if config.train.precision == "auto" else config.train.precision
+    try:
+        accelerator = Accelerator(mixed_precision=wanted)
+    except ValueError as e:
+        if "already been initialized" not in str(e):
+            raise
+        raise ChexdistError(
+            f"config key 'train.precision': {wanted} differs from the precision this process already runs Accelerate "
+            "with; run it in a new process"
+        ) from None
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if wanted is not None and launcher and launcher.lower() != wanted:
+        accelerator.print(
+            f"precision {wanted} from train.precision; the launcher's --mixed_precision {launcher.lower()} is not used "
+            "(set train.precision=auto to use it)"
+        )
+    return accelerator
 
 
-def _validate(model, accelerator, criterion, config: Config, manifest: dict) -> dict[str, Any]:
-    preds = predict_split(model, accelerator, config.data.shards, "val", config, manifest)
+def _check_accelerator(accelerator, config: Config) -> None:
+    kind = accelerator.distributed_type.value
+    if kind not in SUPPORTED_DISTRIBUTED:
+        raise ChexdistError(
+            f"accelerate distributed type {kind} is not supported (chexdist runs DDP: NO, MULTI_GPU, MULTI_CPU and "
+            "other MULTI_* device types); launch without --use_fsdp/--use_deepspeed and check `accelerate env`"
+        )
+    wanted = config.train.precision
+    if wanted != "auto" and str(accelerator.mixed_precision) != wanted:
+        raise ChexdistError(
+            f"config key 'train.precision': {wanted}, but the Accelerator passed to fit runs {accelerator.mixed_precision}; "
+            f"set train.precision={accelerator.mixed_precision} or auto"
+        )
+
+
+def _validate(model, accelerator, criterion, config: Config, manifest: dict, normalization: dict) -> dict[str, Any]:
+    preds = predict_split(model, accelerator, config.data.shards, "val", config, manifest, normalization=normalization)
     if len(preds.targets) == 0:
         raise ChexdistError(f"{config.data.shards}: the val split has no readable samples; repack with a val split")
     val_loss = float(criterion(preds.logits, preds.targets))
@@ -359,12 +458,16 @@ def _validate(model, accelerator, criterion, config: Config, manifest: dict) -> 
     return {"val_loss": val_loss, "metrics": metrics, "skipped": preds.skipped}
 
 
-def _epoch_record(state: TrainState, lr: float, val: dict, world_size: int, precision: str) -> dict[str, Any]:
+def _epoch_record(state: TrainState, lr: float, val: dict, batch: BatchPlan, precision: str) -> dict[str, Any]:
     m = val["metrics"]
     return {
         "epoch": state.epoch,
         "step": state.step,
         "lr": lr,
+        "base_lr": batch.lr,
+        "global_batch": batch.global_batch,
+        "batch_size": batch.batch_size,
+        "grad_accum": batch.grad_accum,
         "train_loss": state.loss_sum / max(1, state.loss_batches),
         "val_loss": val["val_loss"],
         "val_auc_mean": m["auc_mean"],
@@ -378,7 +481,7 @@ def _epoch_record(state: TrainState, lr: float, val: dict, world_size: int, prec
         "val_samples": m["n"],
         "val_skipped": val["skipped"],
         "seconds": state.epoch_seconds,
-        "world_size": world_size,
+        "world_size": batch.world_size,
         "precision": precision,
     }
 
@@ -414,6 +517,7 @@ def fit(
 def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, progress: bool, stop: StopFlag) -> FitResult:
     checked = _agreed_preflight(accelerator, config, out, resume)
     manifest, resume_from = checked.manifest, checked.resume_from
+    _check_accelerator(accelerator, config)
     from accelerate.utils import set_seed
 
     if config.train.deterministic:
@@ -423,6 +527,8 @@ def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, 
         torch.backends.cudnn.benchmark = True
     world, rank = accelerator.num_processes, accelerator.process_index
     precision = str(accelerator.mixed_precision)
+    batch = resolve_batch(config, world)
+    run_config = _with_batch(config, batch)
 
     set_seed(config.train.seed)
     model = create_model(
@@ -431,22 +537,27 @@ def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, 
     train_info = manifest["splits"]["train"]
     pos_weight = pos_weight_from_counts(train_info["positives"], train_info["samples"]) if config.loss.name == "wbce" else None
     criterion = build_loss(config.loss.name, gamma=config.loss.gamma, alpha=config.loss.alpha, pos_weight=pos_weight)
-    optimizer = build_optimizer(config.optim, model.parameters())
+    normalization = model_normalization(model)
+    optimizer = build_optimizer(config.optim, model, lr=batch.lr)
     scheduler = build_scheduler(config.sched, optimizer, config.train.epochs)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = TrainState()
+    state = TrainState(world_size=world, num_workers=config.data.num_workers, batch_size=batch.batch_size, grad_accum=batch.grad_accum)
     checkpointer = Checkpointer(accelerator, out, state, scheduler, config.train.keep_checkpoints)
     set_seed(config.train.seed + rank)
 
+    if resume_from is not None:
+        checkpointer.load(resume_from, config.train.seed)
+        accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.step}, batch {state.batch})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
-    if resume_from is not None:
-        checkpointer.load(resume_from)
-        accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.step}, batch {state.batch})")
-    if accelerator.is_main_process:
         clear_preempted(out)
     accelerator.print(_banner(config, accelerator, precision, train_info["samples"]))
+    accelerator.print(
+        f"global batch {batch.global_batch} = {batch.batch_size} per process x {world} x grad_accum {batch.grad_accum}, "
+        f"lr {batch.lr:.3g}" + (f" ({config.optim.lr_scaling} scaling of {config.optim.lr:.3g} at batch "
+                                f"{config.optim.lr_reference_batch})" if config.optim.lr_scaling != "none" else "")
+    )
     if accelerator.is_main_process and (warning := eval_crop_warning(config)):
         log.warning(warning)
 
@@ -460,13 +571,14 @@ def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, 
         scale_min=config.aug.scale_min,
         degrees=config.aug.degrees,
         translate=config.aug.translate,
+        normalization=normalization,
     )
     history = _resumed_history(out, state.epoch, accelerator.is_main_process)
     stopped_early = False
     while state.epoch < config.train.epochs:
         loader, num_batches = build_train_loader(
             config.data.shards,
-            config.data.batch_size,
+            batch.batch_size,
             transform,
             config.data.num_workers,
             world,
@@ -479,12 +591,12 @@ def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, 
             pin_memory=accelerator.device.type == "cuda",
             normalize_in_loader=False,
         )
-        train_epoch(model, optimizer, criterion, accelerator, config, loader, num_batches, state, stop, checkpointer, progress)
-        val = _validate(model, accelerator, criterion, config, manifest)
+        train_epoch(model, optimizer, criterion, accelerator, run_config, loader, num_batches, state, stop, checkpointer, progress)
+        val = _validate(model, accelerator, criterion, run_config, manifest, normalization)
         step_scheduler(scheduler, val["val_loss"])
         state.epoch += 1
         lr = optimizer.param_groups[0]["lr"]
-        record = _epoch_record(state, lr, val, world, precision)
+        record = _epoch_record(state, lr, val, batch, precision)
         history.append(record)
         improved = record["val_auc_mean"] > state.best_auc
         if improved:
@@ -496,7 +608,7 @@ def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, 
             append_jsonl(out / "metrics.jsonl", record)
             accelerator.print(_format_epoch(record, config.train.epochs))
             if improved:
-                export_best(accelerator.unwrap_model(model), out, _best_info(config, record, manifest))
+                export_best(accelerator.unwrap_model(model), out, _best_info(config, record, manifest, normalization))
         saved = checkpointer.save()
         if report is not None:
             report(record)
@@ -531,7 +643,15 @@ def _resumed_history(out: Path, epochs_done: int, is_main: bool) -> list[dict[st
     return kept
 
 
-def _best_info(config: Config, record: dict[str, Any], manifest: dict) -> dict[str, Any]:
+def _with_batch(config: Config, batch: BatchPlan) -> Config:
+    """The config the loop runs: per-process batch and accumulation as resolved (config.yaml keeps
+    what the user asked for)."""
+    run = copy.deepcopy(config)
+    run.data.batch_size, run.train.grad_accum = batch.batch_size, batch.grad_accum
+    return run
+
+
+def _best_info(config: Config, record: dict[str, Any], manifest: dict, normalization: dict[str, list[float]]) -> dict[str, Any]:
     return {
         "labels": list(LABELS),
         "arch": config.model.name,
@@ -539,7 +659,12 @@ def _best_info(config: Config, record: dict[str, Any], manifest: dict) -> dict[s
         "image_size": config.data.image_size,
         "eval_resize": config.data.resolved_eval_resize,
         "crop_pct": config.data.crop_pct,
-        "normalization": NORMALIZATION,
+        "normalization": normalization,
+        "global_batch": record["global_batch"],
+        "lr": record["lr"],
+        "base_lr": record["base_lr"],
+        "precision": record["precision"],
+        "world_size": record["world_size"],
         "thresholds": record["val_thresholds"],
         "val_metrics": {k: record[k] for k in ("val_loss", "val_auc_mean", "val_ap_mean", "val_f1_mean", "val_auc", "val_f1")},
         "epoch": record["epoch"],

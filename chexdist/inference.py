@@ -13,6 +13,7 @@ import torch
 
 from chexdist.config import Config
 from chexdist.data import build_eval_loader
+from chexdist.models import model_normalization
 from chexdist.transforms import build_transform
 
 
@@ -31,11 +32,17 @@ class Predictions:
         return torch.sigmoid(self.logits).numpy()
 
 
-def predict_split(model, accelerator, shards: str, split: str, config: Config, manifest: dict) -> Predictions:
-    """Run the model over one split on every rank and gather: each readable sample exactly once."""
+def predict_split(model, accelerator, shards: str, split: str, config: Config, manifest: dict,
+                  *, normalization: dict[str, list[float]] | None = None) -> Predictions:
+    """Run the model over one split on every rank and gather: each readable sample exactly once.
+
+    `normalization` is the one the model was trained with (best.json's); by default the model's own
+    (`models.model_normalization`)."""
+    if normalization is None:
+        normalization = model_normalization(accelerator.unwrap_model(model))
     transform = build_transform(
         config.aug.preset, image_size=config.data.image_size, eval_resize=config.data.resolved_eval_resize,
-        train=False,
+        train=False, normalization=normalization,
     )
     loader, _ = build_eval_loader(
         shards,

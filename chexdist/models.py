@@ -153,6 +153,42 @@ def create_model(
     return model
 
 
+def model_normalization(model: nn.Module | str) -> dict[str, list[float]]:
+    """{"mean", "std"} the architecture's pretrained weights expect, for a model or an arch name.
+
+    timm's data config when the model has a pretrained config (ViT-B/16: 0.5/0.5, EfficientNet:
+    ImageNet's); ImageNet's for torchvision's DenseNet-121 (CheXNet). pretrained_cfg is metadata:
+    nothing is downloaded.
+    """
+    import timm
+    import timm.data
+
+    from chexdist.transforms import NORMALIZATION
+
+    if isinstance(model, str):
+        if model == TORCHVISION_DENSENET:
+            return {k: list(v) for k, v in NORMALIZATION.items()}
+        if not timm.is_model(model):
+            raise _unknown_model_error(model)
+        cfg = timm.models.get_pretrained_cfg(model)
+        data = timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict()) if cfg is not None else NORMALIZATION
+    elif getattr(model, "pretrained_cfg", None):
+        data = timm.data.resolve_model_data_config(model)
+    else:
+        data = NORMALIZATION
+    return {"mean": [float(v) for v in data["mean"]], "std": [float(v) for v in data["std"]]}
+
+
+def check_input_size(name: str, image_size: int) -> None:
+    """Refuse an image size the architecture cannot take (ViT-B/16 at 512 px), before any work."""
+    fixed = fixed_input_size(name)
+    if fixed is not None and image_size != fixed:
+        raise ChexdistError(
+            f"config key 'data.image_size': {image_size} px does not fit model.name {name!r}, which takes "
+            f"{fixed} px inputs only; set data.image_size={fixed} (and data.eval_resize >= {fixed})"
+        )
+
+
 def fixed_input_size(name: str) -> int | None:
     """Square input size an architecture requires (ViT: 224), or None when any size works; lets the
     config refuse e.g. data.image_size=512 with vit_base_patch16_224 before training starts."""

@@ -26,7 +26,8 @@ TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
-_ENTRY_COLUMNS = (
+# Data_Entry's header as a CSV reader splits it (the bracketed names contain commas).
+DATA_ENTRY_COLUMNS = (
     "Image Index",
     "Finding Labels",
     "Follow-up #",
@@ -34,7 +35,12 @@ _ENTRY_COLUMNS = (
     "Patient Age",
     "Patient Gender",
     "View Position",
+    "OriginalImage[Width",
+    "Height]",
+    "OriginalImagePixelSpacing[x",
+    "y]",
 )
+_ENTRY_COLUMNS = DATA_ENTRY_COLUMNS[:7]
 # The four numeric columns after those seven, whatever the header calls them.
 _ENTRY_TAIL = ("orig_width", "orig_height", "spacing_x", "spacing_y")
 _ENTRY_RENAME = dict(

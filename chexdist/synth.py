@@ -35,15 +35,11 @@ from chexdist.errors import ChexdistError
 from chexdist.fileio import atomic_write_text
 from chexdist.images import encode
 from chexdist.labels import LABELS, NO_FINDING, NUM_LABELS
+from chexdist.nih import DATA_ENTRY_COLUMNS, TEST_LIST, TRAIN_VAL_LIST
 
 DATA_ENTRY = "Data_Entry_2017.csv"
 BBOX_LIST = "BBox_List_2017.csv"
-TRAIN_VAL_LIST = "train_val_list.txt"
-TEST_LIST = "test_list.txt"
-DATA_ENTRY_HEADER = (
-    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"
-)
+DATA_ENTRY_HEADER = ",".join(DATA_ENTRY_COLUMNS) + ","  # the 2017 file's trailing empty column
 BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
 ORIGINAL_SIZE = 1024
 # The real BBox_List covers these 8 findings only, and spells Infiltration "Infiltrate".

@@ -1,7 +1,8 @@
 """Named augmentation presets and the eval transform (torchvision.transforms.v2).
 
 Input: one 8-bit grayscale image, a numpy HxW array or a uint8 tensor [1,H,W] (or [H,W]).
-Output: float32 [3,H,W], ImageNet-normalized, the gray channel replicated to 3 channels.
+Output: float32 [3,H,W], normalized with the model's mean/std (`models.model_normalization`;
+ImageNet's by default), the gray channel replicated to 3 channels.
 
 Every geometric and colour op runs on the 1-channel uint8 tensor (a third of the work of RGB and
 uint8 fast paths for resize); conversion to float, normalization and the replication happen last, in
@@ -16,11 +17,13 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from chexdist.config import AugConfig
 from chexdist.errors import ChexdistError
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 NORMALIZATION: dict[str, list[float]] = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+_AUG = AugConfig()  # the augmentation defaults live in the config, once
 
 PRESETS: tuple[str, ...] = ("none", "flip", "dannynet", "strong")
 PRESET_HELP = {
@@ -91,13 +94,16 @@ def build_transform(
     image_size: int = 224,
     eval_resize: int = 256,
     train: bool = True,
-    brightness: float = 0.1,
-    contrast: float = 0.1,
-    scale_min: float = 0.08,
-    degrees: float = 10.0,
-    translate: float = 0.05,
+    brightness: float = _AUG.brightness,
+    contrast: float = _AUG.contrast,
+    scale_min: float = _AUG.scale_min,
+    degrees: float = _AUG.degrees,
+    translate: float = _AUG.translate,
+    normalization: dict[str, list[float]] | None = None,
 ) -> v2.Compose:
     """The transform for `preset` (train=True) or the eval transform (train=False; preset still checked).
+
+    `normalization` {"mean": [3], "std": [3]} is the model's (default ImageNet's).
 
     Randomness comes from torch's global RNG, which the train loader forks per stream so augmentation
     is reproducible for a given (seed, epoch, rank, worker).
@@ -117,7 +123,8 @@ def build_transform(
             ops.append(v2.ColorJitter(brightness=brightness, contrast=contrast))
         if preset == "strong" and (degrees or translate):
             ops.append(v2.RandomAffine(degrees=degrees, translate=(translate, translate)))
-    return v2.Compose([ToGrayTensor(), *ops, GrayToNormalizedRGB()])
+    norm = normalization or NORMALIZATION
+    return v2.Compose([ToGrayTensor(), *ops, GrayToNormalizedRGB(tuple(norm["mean"]), tuple(norm["std"]))])
 
 
 def split_normalization(transform: v2.Compose) -> tuple[v2.Compose, GrayToNormalizedRGB]:

@@ -20,6 +20,7 @@ from chexdist.models import (
     gradcam_target_layer,
     import_chexnet_state_dict,
     load_pretrained,
+    model_normalization,
     save_weights,
 )
 
@@ -203,3 +204,32 @@ def test_fixed_input_size() -> None:
     assert fixed_input_size("densenet121") is None
     assert fixed_input_size("efficientnet_b0") is None
     assert fixed_input_size("vit_base_patch16_224") == 224
+
+
+def test_config_refuses_a_size_the_architecture_cannot_take() -> None:
+    from chexdist.config import load_config
+
+    assert load_config("vit").data.image_size == 224
+    with pytest.raises(ChexdistError, match=r"^config key 'data.image_size': 512 px does not fit model.name "
+                                            r"'vit_base_patch16_224', which takes 224 px inputs only; set data.image_size=224"):
+        load_config("vit", overrides=["data.image_size=512", "data.eval_resize=576"])
+    assert load_config("chexnet", overrides=["data.image_size=512", "data.eval_resize=576"]).data.image_size == 512
+
+
+def test_normalization_comes_from_the_model() -> None:
+    imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    half = {"mean": [0.5] * 3, "std": [0.5] * 3}
+    assert model_normalization("densenet121") == imagenet
+    assert model_normalization("efficientnet_b0") == imagenet
+    assert model_normalization("vit_base_patch16_224") == half
+    assert model_normalization(create_model("densenet121")) == imagenet
+    assert model_normalization(create_model(TINY, head="dense_bn")) == model_normalization(TINY) == half
+
+    from chexdist.transforms import build_transform
+
+    white = torch.full((1, 80, 80), 255, dtype=torch.uint8)
+    vit = build_transform("none", image_size=64, eval_resize=72, train=False, normalization=half)(white)
+    assert torch.allclose(vit, torch.ones(3, 64, 64))  # (1 - 0.5) / 0.5
+    dense = build_transform("none", image_size=64, eval_resize=72, train=False, normalization=imagenet)(white)
+    expected = (1 - torch.tensor(imagenet["mean"])) / torch.tensor(imagenet["std"])
+    assert torch.allclose(dense[:, 0, 0], expected)

@@ -45,3 +45,27 @@ def test_optimizer_kinds_take_their_keys():
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["lr"] == 5e-5 and adamw.defaults["weight_decay"] == 1e-5
     with pytest.raises(ChexdistError, match="warmup_epochs"):
         load_config("tiny", overrides=["sched.name=plateau", "sched.warmup_epochs=1"])
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_weight_decay_skips_batchnorm_weights_and_biases(name):
+    """With zero gradients an optimizer step is pure weight decay: conv/linear weights shrink by
+    (1 - lr * wd) (AdamW) or lr * wd * w (SGD); BatchNorm weights and every bias stay put."""
+    from chexdist.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("test_resnet")
+    cfg = load_config("tiny", overrides=[f"optim.name={name}", "optim.lr=0.1", "optim.weight_decay=0.5", "optim.momentum=0"])
+    optimizer = build_optimizer(cfg.optim, model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    norms = {f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)}
+    assert norms, "test_resnet has BatchNorm layers"
+    for n, p in model.named_parameters():
+        if n in norms or n.endswith(".bias"):
+            assert torch.equal(p, before[n]), f"{n} was decayed"
+        else:
+            assert torch.allclose(p, before[n] * 0.95, atol=1e-7), f"{n} was not decayed"
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.5]
