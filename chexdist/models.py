@@ -388,19 +388,56 @@ def save_weights(
     atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
-def load_best(run_or_file: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The exported best model and its best.json; refuses a label order other than chexdist's."""
+def best_files(run_or_file: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights, info JSON) of an exported model: a run folder (best.safetensors + best.json) or a
+    weights file with its JSON beside it (same stem). Refuses what is missing with the fix."""
     path = Path(run_or_file)
+    if not path.exists():
+        raise ChexdistError(f"{path}: no such run folder or checkpoint file; train one (chexdist train) or import one (chexdist import-checkpoint)")
     weights = path / "best.safetensors" if path.is_dir() else path
     info_path = weights.with_suffix(".json")
-    if not weights.is_file() or not info_path.is_file():
-        raise ChexdistError(f"{path}: no best.safetensors + best.json; train a run first (chexdist train)")
-    info = json.loads(info_path.read_text())
+    if not weights.is_file():
+        raise ChexdistError(f"{path}: no best.safetensors; the run has not exported a best model yet (train it, or chexdist import-checkpoint)")
+    if not info_path.is_file():
+        raise ChexdistError(
+            f"{weights}: no {info_path.name} beside it (labels, arch, thresholds); a bare checkpoint cannot be scored: "
+            "import it with chexdist import-checkpoint"
+        )
+    return weights, info_path
+
+
+BEST_INFO_KEYS = ("labels", "arch", "thresholds", "config")
+
+
+def read_best_info(info_path: str | os.PathLike) -> dict[str, Any]:
+    """best.json, checked: parses, names chexdist's labels in order, has what loading needs."""
+    info_path = Path(info_path)
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ChexdistError(f"{info_path}: not readable JSON ({exc}); re-export the run") from None
+    if not isinstance(info, dict):
+        raise ChexdistError(f"{info_path}: must hold a JSON object")
+    missing = [k for k in BEST_INFO_KEYS if k not in info]
+    if missing:
+        raise ChexdistError(f"{info_path}: missing key(s) {', '.join(missing)}; re-export the run")
     check_labels(info["labels"], source=str(info_path))
+    return info
+
+
+def load_best(run_or_file: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The exported best model (eval mode, CPU) and its best.json; refuses a label order other than
+    chexdist's. `run_or_file`: a run folder, or a .safetensors file with its .json beside it."""
+    weights, info_path = best_files(run_or_file)
+    info = read_best_info(info_path)
     state, meta = read_state_dict(weights)
     if "labels" in meta:
         check_labels(json.loads(meta["labels"]), source=str(weights))
     cfg = config_from_dict(info["config"])
     model = create_model(info["arch"], num_classes=len(info["labels"]), drop_rate=cfg.model.drop_rate, head=cfg.model.head)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ChexdistError(f"{weights}: does not fit arch {info['arch']!r} from {info_path.name} ({first})") from None
     return model.eval(), info
