@@ -39,6 +39,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         fractions=tuple(args.fractions),
         stratify=args.stratify,
+        train_list=args.train_list,
+        val_list=args.val_list,
+        test_list=args.test_list,
     )
     manifest = pack_dataset(args.nih_root, args.out, settings, workers=args.workers, progress=not args.quiet)
     counts = ", ".join(f"{s} {v['samples']} ({v['patients']} patients)" for s, v in manifest["splits"].items())
@@ -46,6 +49,12 @@ def cmd_pack(args: argparse.Namespace) -> int:
     if manifest["errors"]:
         reasons = ", ".join(f"{n} {k}" for k, n in manifest["error_reasons"].items())
         print(f"skipped {manifest['errors']} input(s) ({reasons}); listed in {os.path.join(args.out, 'errors.jsonl')}")
+    lists = manifest["split"].get("lists")
+    if lists:
+        d = lists["label_disagreements"]
+        print(f"split lists: {lists['unlisted_rows']} CSV row(s) in no list (not packed); {d['rows']} of {d['checked']} "
+              f"row(s) with list labels disagree with the CSV (CSV labels packed)"
+              + (f", e.g. {', '.join(d['examples'][:3])}" if d["rows"] else ""))
     return 0
 
 
@@ -241,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pack", help="pack an NIH-format download into WebDataset shards")
     p.add_argument("--nih-root", required=True, help="folder with Data_Entry_2017*.csv[.gz] and images")
     p.add_argument("--out", required=True, help="shard folder, e.g. shards/nih")
-    p.add_argument("--split", default="random", help="official (needs train_val_list.txt/test_list.txt) or random")
+    p.add_argument("--split", default="random",
+                   help="official (needs train_val_list.txt/test_list.txt), random, or lists (--train-list/--val-list/--test-list)")
     p.add_argument("--size", type=int, default=512, help="shorter side in pixels; 0 keeps the original")
     p.add_argument("--format", default="png", help="png (lossless) or jpg (about 4x faster to decode)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality")
@@ -254,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random: patient fractions")
     p.add_argument("--stratify", action="store_true", help="random: stratify patients by their rarest finding")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    for name in ("train", "val", "test"):
+        p.add_argument(f"--{name}-list", default=None, metavar="FILE",
+                       help=f"lists: {name} image names, one per line, optionally followed by 14 labels 0/1")
     p.set_defaults(func=cmd_pack)
 
     shards = sub.add_parser("shards", help="inspect or verify packed shards").add_subparsers(dest="shards_command", required=True)
