@@ -203,8 +203,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         result = compare_runs(*args.compare, split=args.split, n_boot=args.bootstrap or 1000, seed=args.seed,
                               level=args.level, out=args.out)
         m = result["macro"]
-        print(f"macro AUROC {m['auc_a']:.4f} (a) vs {m['auc_b']:.4f} (b): b - a = {m['diff']:+.4f} "
-              f"[{m['ci'][0]:+.4f}, {m['ci'][1]:+.4f}] on {result['images']} images of {result['patients']} patients")
+        show = lambda v, sign="": "n/a" if v is None else f"{v:{sign}.4f}"  # noqa: E731
+        print(f"macro AUROC {show(m['auc_a'])} (a) vs {show(m['auc_b'])} (b): b - a = {show(m['diff'], '+')} "
+              f"[{show(m['ci'][0], '+')}, {show(m['ci'][1], '+')}] on {result['images']} images of {result['patients']} patients")
         print(f"wrote {result['out']}/compare.json and compare.md")
         return 0
     if not args.run:
