@@ -553,9 +553,9 @@ def _unfreeze_eval_resize(cfg: Config, data_section: Any) -> None:
     value written by save_config (or a recipe stating the convention), not an override: keep it
     derived, so `--config runs/x/config.yaml --set data.image_size=96` re-derives the resize
     instead of freezing the old one."""
-    if isinstance(data_section, Mapping) and data_section.get("eval_resize"):
-        if cfg.data.eval_resize == eval_resize_for(cfg.data.image_size, cfg.data.crop_pct):
-            cfg.data.eval_resize = 0
+    stated = isinstance(data_section, Mapping) and data_section.get("eval_resize")
+    if stated and cfg.data.eval_resize == eval_resize_for(cfg.data.image_size, cfg.data.crop_pct):
+        cfg.data.eval_resize = 0
 
 
 # Overrides

@@ -301,7 +301,7 @@ def pack_dataset(
     atomic_write_jsonl(out / ERRORS, errors)
     manifest = _build_manifest(release, settings, source_sha, records, errors)
     manifest["missing"] = {
-        "rows": int(len(missing)),
+        "rows": len(missing),
         "by_folder": missing_by_folder(release) if len(missing) else {},
         "in_errors": not settings.only_present,
     }
