@@ -46,3 +46,23 @@ def synth_shards(synth_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "synth"
     pack_dataset(synth_root, out, PackSettings(split="official", size=64, shard_size=32), workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def cam_run(tmp_path_factory) -> Path:
+    """One tiny model trained once per session for Grad-CAM and predict: synthetic 160 px images
+    (boxes in BBox_List_2017.csv), packed at 144, 128 px crops so the last block is a 4x4 grid."""
+    import subprocess
+    import sys
+
+    from chexdist.pack import PackSettings, pack_dataset
+    from chexdist.synth import make_synthetic_nih
+
+    root = tmp_path_factory.mktemp("cam-run")
+    make_synthetic_nih(root / "nih", images=1200, size=160, seed=0)
+    pack_dataset(root / "nih", root / "shards", PackSettings(split="official", size=144, shard_size=200), workers=2, progress=False)
+    cmd = [sys.executable, "-m", "chexdist.train", "--recipe", "tiny", "--shards", str(root / "shards"), "--out", str(root / "run"),
+           "--no-progress", "--set", "train.epochs=4", "--set", "data.image_size=128", "--set", "data.eval_resize=144"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "run"
