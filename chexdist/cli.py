@@ -39,6 +39,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         fractions=tuple(args.fractions),
         stratify=args.stratify,
+        train_list=args.train_list,
+        val_list=args.val_list,
+        test_list=args.test_list,
     )
     manifest = pack_dataset(args.nih_root, args.out, settings, workers=args.workers, progress=not args.quiet)
     counts = ", ".join(f"{s} {v['samples']} ({v['patients']} patients)" for s, v in manifest["splits"].items())
@@ -46,6 +49,12 @@ def cmd_pack(args: argparse.Namespace) -> int:
     if manifest["errors"]:
         reasons = ", ".join(f"{n} {k}" for k, n in manifest["error_reasons"].items())
         print(f"skipped {manifest['errors']} input(s) ({reasons}); listed in {os.path.join(args.out, 'errors.jsonl')}")
+    lists = manifest["split"].get("lists")
+    if lists:
+        d = lists["label_disagreements"]
+        print(f"split lists: {lists['unlisted_rows']} CSV row(s) in no list (not packed); {d['rows']} of {d['checked']} "
+              f"row(s) with list labels disagree with the CSV (CSV labels packed)"
+              + (f", e.g. {', '.join(d['examples'][:3])}" if d["rows"] else ""))
     return 0
 
 
@@ -238,6 +247,47 @@ def cmd_cam(args: argparse.Namespace) -> int:
     return _report_failures(result.failures)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from chexdist.evaluate import compare_runs, evaluate_run
+
+    if args.compare:
+        if args.run or args.checkpoint != "best":
+            raise ChexdistError("--compare A B takes the two runs' eval-<split>/predictions.csv; drop --run/--checkpoint")
+        result = compare_runs(*args.compare, split=args.split, n_boot=args.bootstrap or 1000, seed=args.seed,
+                              level=args.level, out=args.out)
+        m = result["macro"]
+        print(f"macro AUROC {m['auc_a']:.4f} (a) vs {m['auc_b']:.4f} (b): b - a = {m['diff']:+.4f} "
+              f"[{m['ci'][0]:+.4f}, {m['ci'][1]:+.4f}] on {result['images']} images of {result['patients']} patients")
+        print(f"wrote {result['out']}/compare.json and compare.md")
+        return 0
+    if not args.run:
+        raise ChexdistError("give --run runs/NAME (or --compare runs/A runs/B)")
+    result = evaluate_run(args.run, split=args.split, checkpoint=args.checkpoint, shards=args.shards,
+                          n_boot=args.bootstrap, out=args.out, seed=args.seed, level=args.level,
+                          progress=not args.no_progress, plots=not args.no_plots)
+    if result is None:  # not the main process of a launch
+        return 0
+    auc, f1 = result["macro"]["auc"], result["macro"]["f1"]
+    ci = f" [{auc['ci'][0]:.4f}, {auc['ci'][1]:.4f}]" if auc and auc.get("ci") else ""
+    print(f"{result['split']}: {result['samples']} images of {result['patients']} patients; macro AUROC "
+          f"{auc['value']:.4f}{ci}, macro F1 {f1['value']:.4f} at {'val-tuned' if result['thresholds_tuned'] else 'untuned 0.5'} thresholds")
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {result['out']} (metrics.json, per_class.csv, predictions.csv, report.md"
+          f"{', ' + ', '.join(result['figures']) if result['figures'] else ''})")
+    return 0
+
+
+def cmd_import_checkpoint(args: argparse.Namespace) -> int:
+    from chexdist.models import import_checkpoint
+
+    info = import_checkpoint(args.src, args.arch, args.out, image_size=args.image_size, eval_resize=args.eval_resize)
+    source = info["imported_from"]
+    print(f"imported {source['tensors']} tensors ({source['format']}) from {args.src} into {args.out}/best.safetensors "
+          "+ best.json; thresholds 0.5 (not tuned)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chexdist", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"chexdist {__version__}")
@@ -253,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pack", help="pack an NIH-format download into WebDataset shards")
     p.add_argument("--nih-root", required=True, help="folder with Data_Entry_2017*.csv[.gz] and images")
     p.add_argument("--out", required=True, help="shard folder, e.g. shards/nih")
-    p.add_argument("--split", default="random", help="official (needs train_val_list.txt/test_list.txt) or random")
+    p.add_argument("--split", default="random",
+                   help="official (needs train_val_list.txt/test_list.txt), random, or lists (--train-list/--val-list/--test-list)")
     p.add_argument("--size", type=int, default=512, help="shorter side in pixels; 0 keeps the original")
     p.add_argument("--format", default="png", help="png (lossless) or jpg (about 4x faster to decode)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality")
@@ -266,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random: patient fractions")
     p.add_argument("--stratify", action="store_true", help="random: stratify patients by their rarest finding")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    for name in ("train", "val", "test"):
+        p.add_argument(f"--{name}-list", default=None, metavar="FILE",
+                       help=f"lists: {name} image names, one per line, optionally followed by 14 labels 0/1")
     p.set_defaults(func=cmd_pack)
 
     shards = sub.add_parser("shards", help="inspect or verify packed shards").add_subparsers(dest="shards_command", required=True)
@@ -332,6 +386,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_cam)
+
+    p = sub.add_parser("evaluate", help="test-set report with patient-bootstrap CIs at val-tuned thresholds; --compare two runs")
+    p.add_argument("--run", help="run folder with best.safetensors + best.json (runs/NAME)")
+    p.add_argument("--split", default="test", help="split of the shards to score (test)")
+    p.add_argument("--checkpoint", default="best", help="best, or a .safetensors file with its .json beside it")
+    p.add_argument("--shards", default=None, help="shard folder (default: the one the run was trained on)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the 95%% CIs (0 = none)")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--out", default=None, help="output folder (default runs/NAME/eval-SPLIT)")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                   help="paired patient bootstrap + DeLong of AUROC(B) - AUROC(A) on the same evaluated images")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("import-checkpoint", help="turn a CheXNet-format checkpoint into best.safetensors + best.json")
+    p.add_argument("src", help="checkpoint file (.pth/.pth.tar state dict or .safetensors)")
+    p.add_argument("--arch", default="densenet121", help="architecture of the checkpoint (densenet121 or a timm name)")
+    p.add_argument("--out", required=True, help="new run folder, e.g. runs/chexnet-public")
+    p.add_argument("--image-size", type=int, default=224, help="input side the model expects (center crop)")
+    p.add_argument("--eval-resize", type=int, default=256, help="resize before the center crop")
+    p.set_defaults(func=cmd_import_checkpoint)
     return parser
 
 

@@ -6,7 +6,7 @@ Conventions shared by every function here:
   in [0, 1] (torchmetrics would silently apply a sigmoid to anything else, so we refuse it).
 - A finding is predicted positive when ``prob >= threshold``.
 - A class with no positives (or no negatives) in the data cannot be ranked: its AUROC and AP are
-  NaN. With no positives its F1, precision and recall are NaN too (recall is 0/0, and scoring a
+  NaN; without negatives its specificity is NaN. With no positives its F1, precision and recall are NaN too (recall is 0/0, and scoring a
   finding the split does not contain would only add noise to the macro mean). Otherwise precision
   and F1 follow scikit-learn's ``zero_division=0``: no predicted positives gives 0.
 - Macro means are NaN-ignoring means (``nanmean``) over classes, so they cover only the classes
@@ -24,6 +24,7 @@ not for reporting; test metrics use these fixed thresholds.
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from collections.abc import Mapping, Sequence
@@ -40,7 +41,7 @@ THRESHOLD_METRICS: tuple[str, ...] = ("f1",)
 """Values accepted by ``tune_thresholds(metric=...)`` (config key ``eval.threshold_metric``)."""
 
 DEFAULT_THRESHOLD = 0.5
-_BOOT_METRICS = ("auc", "ap", "f1")
+_BOOT_METRICS = ("auc", "ap", "f1", "precision", "recall", "specificity")
 _BOOT_CHUNK = 32  # resamples per vectorized block; fixed so draws never depend on data size
 
 
@@ -131,7 +132,7 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 def per_class_metrics(
     probs: Any, targets: Any, thresholds: Any = None, labels: Sequence[str] = LABELS
 ) -> dict[str, Any]:
-    """Per-class AUROC, AP, and F1/precision/recall at ``thresholds``, plus NaN-ignoring macro means.
+    """Per-class AUROC, AP, and F1/precision/recall/specificity at ``thresholds``, plus NaN-ignoring macro means.
 
     Thresholds default to 0.5; for honest test numbers pass the ones ``tune_thresholds`` found on the
     validation split. Classes that cannot be scored are NaN (see the module docstring) and trigger
@@ -160,6 +161,8 @@ def per_class_metrics(
     f1 = _ratio(2 * tp, predicted + pos)
     for values in (precision, recall, f1):
         values[pos == 0] = np.nan
+    specificity = _ratio(neg - (predicted - tp), neg)
+    specificity[neg == 0] = np.nan
 
     unscored = [
         f"{name} (no {'positives' if pos[j] == 0 else 'negatives'})"
@@ -173,7 +176,7 @@ def per_class_metrics(
             stacklevel=2,
         )
 
-    per_class = {"auc": auc, "ap": ap, "f1": f1, "precision": precision, "recall": recall}
+    per_class = {"auc": auc, "ap": ap, "f1": f1, "precision": precision, "recall": recall, "specificity": specificity}
     result: dict[str, Any] = {key: _by_label(values, names) for key, values in per_class.items()}
     result["thresholds"] = _by_label(t, names)
     for key, values in per_class.items():
@@ -244,7 +247,7 @@ def _ranking(
 
 
 class _Resampler:
-    """AUROC, AP and F1 [B, C] of B resamples given as how often each group was drawn ([B, G]).
+    """AUROC, AP, F1, precision, recall and specificity [B, C] of B resamples given as how often each group was drawn ([B, G]).
 
     Drawing a group k times is the same as repeating its images k times, so each resample is the
     original data with integer weights, and the metrics are sums over tie blocks that contain a
@@ -276,6 +279,9 @@ class _Resampler:
         pos, neg = counts @ self.pos, counts @ self.neg
         tp, predicted = counts @ self.tp, counts @ self.predicted
         f1 = np.where(pos > 0, _ratio(2 * tp, predicted + pos), np.nan)
+        precision = np.where(pos > 0, _ratio(tp, predicted), np.nan)
+        recall = np.where(pos > 0, _ratio(tp, pos), np.nan)
+        specificity = np.where(neg > 0, _ratio(neg - (predicted - tp), neg), np.nan)
         auc = np.full(pos.shape, np.nan)
         ap = np.full(pos.shape, np.nan)
         for j, (pos_groups, pos_starts, neg_groups, neg_above, neg_through) in enumerate(self.classes):
@@ -293,7 +299,23 @@ class _Resampler:
             auc[rows, j] = wins / (n_pos * n_neg)
             cum_pos = np.cumsum(block_pos, axis=1)
             ap[rows, j] = (block_pos * _ratio(cum_pos, cum_pos + through)).sum(axis=1) / n_pos
-        return {"auc": auc, "ap": ap, "f1": f1}
+        return {"auc": auc, "ap": ap, "f1": f1, "precision": precision, "recall": recall, "specificity": specificity}
+
+
+def _draw_counts(seed: int, n_boot: int, n_groups: int):
+    """Chunks [rows, G] of how often each group is drawn, B resamples of G draws with replacement."""
+    rng = np.random.default_rng(seed)
+    for first in range(0, n_boot, _BOOT_CHUNK):
+        rows = min(_BOOT_CHUNK, n_boot - first)
+        draws = rng.integers(0, n_groups, size=(rows, n_groups))
+        offsets = np.arange(rows)[:, None] * n_groups
+        yield np.bincount((draws + offsets).ravel(), minlength=rows * n_groups).reshape(rows, n_groups)
+
+
+def _row_nanmean(values: np.ndarray) -> np.ndarray:
+    """Per row, the mean of the non-NaN entries (NaN for an all-NaN row)."""
+    kept = ~np.isnan(values)
+    return np.divide(np.nansum(values, axis=1), kept.sum(axis=1), out=np.full(len(values), np.nan), where=kept.any(axis=1))
 
 
 def _percentile_interval(values: np.ndarray, level: float) -> tuple[list[float], int]:
@@ -305,35 +327,36 @@ def _percentile_interval(values: np.ndarray, level: float) -> tuple[list[float],
     return [float(lo), float(hi)], int(kept.size)
 
 
+def _group_index(groups: Any, n: int, n_boot: Any, level: Any) -> np.ndarray:
+    """Checked bootstrap arguments; group ids mapped to 0..G-1 (sorted ids, so draws are stable)."""
+    g = np.asarray(groups.detach().cpu().numpy() if isinstance(groups, torch.Tensor) else groups)
+    if g.ndim != 1 or g.shape[0] != n:
+        raise ChexdistError(f"groups: expected one id per sample ({n}), got shape {list(g.shape)}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 1:
+        raise ChexdistError(f"n_boot must be a positive integer, got {n_boot!r}")
+    if not isinstance(level, numbers.Real) or not 0 < level < 1:
+        raise ChexdistError(f"level must be in (0, 1), got {level!r}")
+    try:
+        return np.unique(g, return_inverse=True)[1].reshape(-1)
+    except TypeError as e:
+        raise ChexdistError(f"groups: ids must be all numbers or all strings ({e})") from None
+
+
 def bootstrap_mean_ci(
     values: Any, groups: Any, n_boot: int = 1000, seed: int = 0, level: float = 0.95
 ) -> dict[str, Any]:
     """Mean of per-sample `values` (e.g. pointing-game hits, IoUs) with a percentile bootstrap CI
     that resamples GROUPS (patients), as `bootstrap_ci` does for AUROC. None when there are no values."""
     v = np.asarray(values, dtype=np.float64).reshape(-1)
-    g = np.asarray(groups).reshape(-1)
-    if v.shape != g.shape:
-        raise ChexdistError(f"groups: expected one id per value ({v.size}), got {g.size}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 1:
-        raise ChexdistError(f"n_boot must be a positive integer, got {n_boot!r}")
-    if not 0 < level < 1:
-        raise ChexdistError(f"level must be in (0, 1), got {level!r}")
+    group_index = _group_index(groups, v.size, n_boot, level)
     if v.size == 0:
         return {"value": None, "ci": None, "n": 0, "groups": 0}
     if not np.isfinite(v).all():
         raise ChexdistError("bootstrap_mean_ci: values must be finite")
-    group_index = np.unique(g, return_inverse=True)[1].reshape(-1)
     n_groups = int(group_index.max()) + 1
     sums = np.bincount(group_index, weights=v, minlength=n_groups)
     sizes = np.bincount(group_index, minlength=n_groups).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    means = []
-    for first in range(0, n_boot, _BOOT_CHUNK):
-        rows = min(_BOOT_CHUNK, n_boot - first)
-        draws = rng.integers(0, n_groups, size=(rows, n_groups))
-        counts = np.bincount((draws + np.arange(rows)[:, None] * n_groups).ravel(), minlength=rows * n_groups)
-        counts = counts.reshape(rows, n_groups).astype(np.float64)
-        means.append((counts @ sums) / (counts @ sizes))
+    means = [(counts @ sums) / (counts @ sizes) for counts in _draw_counts(seed, n_boot, n_groups)]
     ci, _ = _percentile_interval(np.concatenate(means), level)
     return {"value": float(v.mean()), "ci": ci, "n": int(v.size), "groups": n_groups}
 
@@ -348,7 +371,8 @@ def bootstrap_ci(
     level: float = 0.95,
     labels: Sequence[str] = LABELS,
 ) -> dict[str, Any]:
-    """Percentile bootstrap CIs for per-class AUROC, AP, F1 (at fixed thresholds) and their macro means.
+    """Percentile bootstrap CIs for per-class AUROC, AP, F1/precision/recall/specificity (at fixed
+    thresholds) and their macro means.
 
     Resamples GROUPS (patient IDs), not images: images of one patient are correlated, and resampling
     them independently gives intervals that are too narrow. Each resample draws as many groups as
@@ -360,27 +384,12 @@ def bootstrap_ci(
     """
     p, y, names = _as_arrays(probs, targets, labels)
     t = threshold_array(thresholds, names)
-    g = np.asarray(groups.detach().cpu().numpy() if isinstance(groups, torch.Tensor) else groups)
-    if g.ndim != 1 or g.shape[0] != p.shape[0]:
-        raise ChexdistError(f"groups: expected one id per sample ({p.shape[0]}), got shape {list(g.shape)}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 1:
-        raise ChexdistError(f"n_boot must be a positive integer, got {n_boot!r}")
-    if not isinstance(level, numbers.Real) or not 0 < level < 1:
-        raise ChexdistError(f"level must be in (0, 1), got {level!r}")
-    try:
-        group_index = np.unique(g, return_inverse=True)[1].reshape(-1)
-    except TypeError as e:
-        raise ChexdistError(f"groups: ids must be all numbers or all strings ({e})") from None
+    group_index = _group_index(groups, p.shape[0], n_boot, level)
     n_groups = int(group_index.max()) + 1
     resampled = _Resampler(p, y, group_index, t)
 
-    rng = np.random.default_rng(seed)
     chunks: dict[str, list[np.ndarray]] = {key: [] for key in _BOOT_METRICS}
-    for first in range(0, n_boot, _BOOT_CHUNK):
-        rows = min(_BOOT_CHUNK, n_boot - first)
-        draws = rng.integers(0, n_groups, size=(rows, n_groups))
-        offsets = np.arange(rows)[:, None] * n_groups
-        counts = np.bincount((draws + offsets).ravel(), minlength=rows * n_groups).reshape(rows, n_groups)
+    for counts in _draw_counts(seed, n_boot, n_groups):
         for key, values in resampled(counts).items():
             chunks[key].append(values)
 
@@ -391,11 +400,7 @@ def bootstrap_ci(
         result[key], n_used[key] = {}, {}
         for j, name in enumerate(names):
             result[key][name], n_used[key][name] = _percentile_interval(values[:, j], level)
-        kept = ~np.isnan(values)
-        means = np.divide(
-            np.nansum(values, axis=1), kept.sum(axis=1),
-            out=np.full(n_boot, np.nan), where=kept.any(axis=1),
-        )
+        means = _row_nanmean(values)
         result[f"{key}_mean"], n_used[f"{key}_mean"] = _percentile_interval(means, level)
 
     short = [f"{name} ({n_used['auc'][name]}/{n_boot})" for name in names if n_used["auc"][name] < n_boot]
@@ -406,3 +411,153 @@ def bootstrap_ci(
         )
     result.update(n_boot=int(n_boot), level=float(level), seed=int(seed), n_groups=n_groups, n_used=n_used)
     return result
+
+
+def paired_bootstrap_auc(
+    probs_a: Any,
+    probs_b: Any,
+    targets: Any,
+    groups: Any,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    labels: Sequence[str] = LABELS,
+) -> dict[str, Any]:
+    """Paired patient bootstrap of AUROC(B) - AUROC(A) on the same images, per class and macro.
+
+    Both models are scored on the SAME resampled patients in every resample, so the interval of
+    the difference reflects only how the models differ, not which patients happened to be drawn.
+    ``p_boot`` is the two-sided bootstrap p-value 2 * min(P(diff <= 0), P(diff >= 0)) (capped at 1):
+    a rough companion to the interval; DeLong's test (:func:`delong_test`) gives an analytic one
+    that assumes independent images.
+    """
+    pa, y, names = _as_arrays(probs_a, targets, labels)
+    pb, _, _ = _as_arrays(probs_b, targets, labels)
+    group_index = _group_index(groups, pa.shape[0], n_boot, level)
+    n_groups = int(group_index.max()) + 1
+    t = threshold_array(None, names)
+    model_a, model_b = _Resampler(pa, y, group_index, t), _Resampler(pb, y, group_index, t)
+    ones = np.ones((1, n_groups), dtype=np.int64)
+    point_a, point_b = model_a(ones)["auc"][0], model_b(ones)["auc"][0]
+    diffs = []
+    for counts in _draw_counts(seed, n_boot, n_groups):
+        diffs.append(model_b(counts)["auc"] - model_a(counts)["auc"])
+    d = np.concatenate(diffs)
+    macro = _row_nanmean(d)
+
+    def summary(values: np.ndarray, point: float) -> dict[str, Any]:
+        interval, used = _percentile_interval(values, level)
+        kept = values[~np.isnan(values)]
+        p_boot = float(min(1.0, 2 * min((kept <= 0).mean(), (kept >= 0).mean()))) if kept.size else float("nan")
+        return {"diff": float(point), "ci": interval, "p_boot": p_boot, "n_used": used}
+
+    per_class = {name: summary(d[:, j], point_b[j] - point_a[j]) for j, name in enumerate(names)}
+    for j, name in enumerate(names):
+        per_class[name].update(auc_a=float(point_a[j]), auc_b=float(point_b[j]))
+    valid = ~np.isnan(point_a) & ~np.isnan(point_b)
+    macro_point = float((point_b[valid] - point_a[valid]).mean()) if valid.any() else float("nan")
+    return {
+        "per_class": per_class,
+        "macro": {**summary(macro, macro_point), "auc_a": _nanmean(point_a), "auc_b": _nanmean(point_b)},
+        "n_boot": int(n_boot), "level": float(level), "seed": int(seed), "n_groups": n_groups,
+    }
+
+
+def _midranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of each row of x [k, n], ties sharing their mean rank."""
+    out = np.empty(x.shape)
+    for r, row in enumerate(x):
+        _, inverse, counts = np.unique(row, return_inverse=True, return_counts=True)
+        before = np.cumsum(counts) - counts
+        out[r] = (before + (counts + 1) / 2)[inverse]
+    return out
+
+
+def delong_auc_cov(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUROCs [k] of k score vectors [k, n] against one 0/1 truth, and their DeLong covariance [k, k].
+
+    The fast algorithm of Sun & Xu (2014, IEEE Signal Process. Lett. 21:1389): the structural
+    components of DeLong et al. (1988) come from midranks within the positives, within the
+    negatives and overall, in O(n log n) instead of O(m n) comparisons.
+    """
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    positive = np.asarray(positive).astype(bool)
+    x, y = scores[:, positive], scores[:, ~positive]
+    m, n = x.shape[1], y.shape[1]
+    if m < 2 or n < 2:
+        raise ChexdistError(f"DeLong needs at least 2 positives and 2 negatives, got {m} and {n}")
+    tx, ty = _midranks(x), _midranks(y)
+    tz = _midranks(np.concatenate([x, y], axis=1))
+    aucs = tz[:, :m].sum(axis=1) / (m * n) - (m + 1) / (2 * n)
+    v_pos = (tz[:, :m] - tx) / n
+    v_neg = 1.0 - (tz[:, m:] - ty) / m
+    cov = np.atleast_2d(np.cov(v_pos)) / m + np.atleast_2d(np.cov(v_neg)) / n
+    return aucs, cov
+
+
+def delong_test(probs_a: Any, probs_b: Any, targets: Any, labels: Sequence[str] = LABELS) -> dict[str, Any]:
+    """DeLong's test of AUROC(B) - AUROC(A) per class on the same images (two-sided, normal).
+
+    It treats images as independent, which images of one patient are not; read it beside the
+    paired patient bootstrap. A class with fewer than 2 positives or negatives is NaN.
+    """
+    pa, y, names = _as_arrays(probs_a, targets, labels)
+    pb, _, _ = _as_arrays(probs_b, targets, labels)
+    out: dict[str, Any] = {}
+    for j, name in enumerate(names):
+        pos = int(y[:, j].sum())
+        if pos < 2 or len(y) - pos < 2:
+            out[name] = {"diff": float("nan"), "se": float("nan"), "z": float("nan"), "p": float("nan")}
+            continue
+        aucs, cov = delong_auc_cov(np.stack([pa[:, j], pb[:, j]]), y[:, j])
+        var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+        diff = float(aucs[1] - aucs[0])
+        if var <= 0:
+            z, p = (0.0, 1.0) if diff == 0 else (math.copysign(math.inf, diff), 0.0)
+        else:
+            z = diff / math.sqrt(var)
+            p = math.erfc(abs(z) / math.sqrt(2))
+        out[name] = {"diff": diff, "se": math.sqrt(max(var, 0.0)), "z": float(z), "p": float(p)}
+    return out
+
+
+def curve_points(scores: Any, positive: Any) -> dict[str, np.ndarray]:
+    """ROC (fpr, tpr) and precision-recall points of one class, one point per distinct score
+    (``score >= t``), ROC starting at (0, 0). Needs at least one positive and one negative."""
+    s = _to_numpy(scores, "scores").reshape(-1)
+    y = _to_numpy(positive, "positive").reshape(-1) == 1
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ChexdistError(f"curve_points: needs positives and negatives, got {n_pos} and {n_neg}")
+    order, starts = _tie_blocks(s)
+    ends = np.append(starts[1:], len(order))
+    tp = np.cumsum(y[order])[ends - 1]
+    fp = ends - tp
+    return {
+        "fpr": np.concatenate(([0.0], fp / n_neg)),
+        "tpr": np.concatenate(([0.0], tp / n_pos)),
+        "precision": tp / ends,
+        "recall": tp / n_pos,
+    }
+
+
+def reliability(probs: Any, targets: Any, bins: int = 10, labels: Sequence[str] = LABELS) -> dict[str, Any]:
+    """Reliability (calibration) table per class over `bins` equal-width probability bins: count,
+    mean predicted probability and observed positive rate per bin, and the expected calibration
+    error ECE = sum over bins of count/N * |observed - predicted|."""
+    p, y, names = _as_arrays(probs, targets, labels)
+    if not isinstance(bins, numbers.Integral) or bins < 1:
+        raise ChexdistError(f"bins must be a positive integer, got {bins!r}")
+    which = np.minimum((p * bins).astype(np.int64), bins - 1)
+    out: dict[str, Any] = {"bins": int(bins), "edges": np.linspace(0, 1, bins + 1).tolist(), "per_class": {}, "ece": {}}
+    for j, name in enumerate(names):
+        count = np.bincount(which[:, j], minlength=bins)
+        mean_p = np.bincount(which[:, j], weights=p[:, j], minlength=bins)
+        observed = np.bincount(which[:, j], weights=y[:, j].astype(np.float64), minlength=bins)
+        mean_p = np.divide(mean_p, count, out=np.full(bins, np.nan), where=count > 0)
+        observed = np.divide(observed, count, out=np.full(bins, np.nan), where=count > 0)
+        filled = count > 0
+        out["ece"][name] = float((count[filled] / len(p) * np.abs(observed[filled] - mean_p[filled])).sum())
+        out["per_class"][name] = {"count": count.tolist(), "mean_prob": mean_p.tolist(), "observed": observed.tolist()}
+    out["ece_mean"] = float(np.mean(list(out["ece"].values())))
+    return out

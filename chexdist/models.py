@@ -445,3 +445,53 @@ def load_best(run_or_file: str | os.PathLike) -> tuple[torch.nn.Module, dict[str
         first = str(exc).strip().splitlines()[0]
         raise ChexdistError(f"{weights}: does not fit arch {info['arch']!r} from {info_path.name} ({first})") from None
     return model.eval(), info
+
+
+def import_checkpoint(src: str | os.PathLike, arch: str, out: str | os.PathLike, image_size: int = 224,
+                      eval_resize: int = 256) -> dict[str, Any]:
+    """Write `out`/best.safetensors + best.json from a foreign checkpoint (CheXNet format: DataParallel
+    `module.` prefix, old `norm.1` names, Sequential classifier; or a plain state dict), so evaluate,
+    predict and cam run on it. Loads with weights_only=True; the classifier must be in the file with
+    14 outputs in chexdist's label order (CheXNet's order). Thresholds are 0.5, marked not tuned.
+    Refuses to overwrite an existing export."""
+    from chexdist import __version__
+    from chexdist.config import config_to_dict, load_config
+    from chexdist.fileio import atomic_write_json, sha256_file
+    from chexdist.transforms import NORMALIZATION
+
+    out = Path(out)
+    if (out / "best.safetensors").exists() or (out / "best.json").exists():
+        raise ChexdistError(f"{out}: already holds best.safetensors/best.json; choose a new --out (nothing is overwritten)")
+    src_path = Path(src)
+    if not src_path.is_file():
+        raise ChexdistError(f"{src_path}: checkpoint file not found")
+    config = load_config(None, overrides=[f"model.name={arch}", f"data.image_size={image_size}", f"data.eval_resize={eval_resize}"])
+    model = create_model(arch)
+    report = load_pretrained(model, src_path, arch=arch)
+    if report["classifier_reinitialized"]:
+        raise ChexdistError(
+            f"{src_path}: has no {NUM_LABELS}-output classifier for {arch} (absent or another shape); "
+            "only a checkpoint trained on the 14 ChestX-ray14 findings can be imported for evaluation"
+        )
+    labels = list(LABELS)
+    info = {
+        "labels": labels,
+        "arch": arch,
+        "recipe": "",
+        "image_size": image_size,
+        "eval_resize": eval_resize,
+        "normalization": NORMALIZATION,
+        "thresholds": {name: 0.5 for name in labels},
+        "thresholds_tuned": False,
+        "val_metrics": None,
+        "epoch": None,
+        "step": None,
+        "chexdist_version": __version__,
+        "imported_from": {"path": str(src_path.resolve()), "sha256": sha256_file(src_path), "format": report["source"],
+                          "tensors": report["loaded"]},
+        "config": config_to_dict(config),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out / "best.safetensors", labels=labels, metadata={"imported_from": src_path.name})
+    atomic_write_json(out / "best.json", info)
+    return info

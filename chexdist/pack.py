@@ -27,7 +27,7 @@ from chexdist.images import ImageDecodeError, decode_gray8, encode, load_gray8, 
 from chexdist.labels import LABELS
 from chexdist.nih import NihRelease, load_release
 from chexdist.shardformat import FORMAT_VERSION, MANIFEST, iter_tar, load_manifest
-from chexdist.splits import METHODS, SPLITS, assign_split, check_no_leakage
+from chexdist.splits import METHODS, SPLITS, UNLISTED, assign_split, check_no_leakage, describe_lists, read_split_list
 
 FORMATS = ("png", "jpg")
 ERRORS = "errors.jsonl"
@@ -48,10 +48,27 @@ class PackSettings:
     val_fraction: float = 0.1
     fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
     stratify: bool = False
+    train_list: str | None = None
+    val_list: str | None = None
+    test_list: str | None = None
+
+    def list_files(self) -> dict[str, str]:
+        """--split lists: split name -> list file."""
+        return {"train": self.train_list, "val": self.val_list, "test": self.test_list}
 
     def validate(self) -> None:
         if self.split not in METHODS:
             raise ChexdistError(f"unknown --split {self.split!r}; choose one of {', '.join(METHODS)}")
+        given = {k: v for k, v in self.list_files().items() if v}
+        if self.split == "lists":
+            absent = [f"--{k}-list" for k, v in self.list_files().items() if not v]
+            if absent:
+                raise ChexdistError(f"--split lists needs {', '.join(absent)} (image names, one per line)")
+            for name, path in given.items():
+                if not os.path.isfile(path):
+                    raise ChexdistError(f"--{name}-list {path}: file not found")
+        elif given:
+            raise ChexdistError(f"--{next(iter(given))}-list is only used with --split lists")
         if self.format not in FORMATS:
             raise ChexdistError(f"unknown --format {self.format!r}; choose one of {', '.join(FORMATS)}")
         if self.size < 0:
@@ -64,7 +81,10 @@ class PackSettings:
             raise ChexdistError(f"--limit {self.limit} must be >= 1")
 
     def fingerprint(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if self.split == "lists":
+            out["list_sha256"] = {k: sha256_file(v) for k, v in self.list_files().items()}
+        return out
 
 
 @dataclass
@@ -109,6 +129,7 @@ def plan_shards(release: NihRelease, settings: PackSettings) -> tuple[list[Shard
         fractions=settings.fractions,
         seed=settings.seed,
         stratify=settings.stratify,
+        lists={k: read_split_list(v)[0] for k, v in settings.list_files().items()} if settings.split == "lists" else None,
     )
     present = table["image"].isin(release.images.keys())
     if not present.any():
@@ -117,7 +138,7 @@ def plan_shards(release: NihRelease, settings: PackSettings) -> tuple[list[Shard
             f"{release.root}: none of the {len(release.images)} image files (e.g. {example}) is listed in "
             f"{release.csv_path.name}; is --nih-root the right download?"
         )
-    missing = table[~present]
+    missing = table[~present & (split != UNLISTED)]
     packable = table[present].assign(split=split[present])
     if settings.limit is not None:
         packable = packable.iloc[: settings.limit]
@@ -339,6 +360,7 @@ def _build_manifest(release: NihRelease, settings: PackSettings, source_sha: str
             "val_fraction": settings.val_fraction if settings.split == "official" else None,
             "fractions": list(settings.fractions) if settings.split == "random" else None,
             "stratify": settings.stratify,
+            **({"lists": describe_lists(release.table, settings.list_files())} if settings.split == "lists" else {}),
         },
         "shard_size": settings.shard_size,
         "limit": settings.limit,

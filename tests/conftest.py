@@ -66,3 +66,32 @@ def cam_run(tmp_path_factory) -> Path:
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return root / "run"
+
+
+def eval_shards(tmp_path_factory) -> Path:
+    """Synthetic shards with a validation split large enough to tune thresholds on (20% of train_val)."""
+    from chexdist.pack import PackSettings, pack_dataset
+    from chexdist.synth import make_synthetic_nih
+
+    root = tmp_path_factory.mktemp("eval-data")
+    make_synthetic_nih(root / "nih", images=600, size=64, seed=1)
+    settings = PackSettings(split="official", size=64, shard_size=50, val_fraction=0.2)
+    pack_dataset(root / "nih", root / "shards", settings, workers=1, progress=False)
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def trained_run(eval_shards, tmp_path_factory) -> Path:
+    """ONE tiny model trained (tiny recipe, 3 epochs, a real `python -m chexdist.train` process) and
+    shared by the evaluation, prediction and Grad-CAM tests. Treat it as read-only: copy it to change it."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    cmd = [sys.executable, "-m", "chexdist.train", "--recipe", "tiny", "--shards", str(eval_shards), "--out", str(out),
+           "--no-progress", "--set", "train.epochs=3"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    if done.returncode != 0:
+        pytest.fail(f"training the shared tiny model failed: {done.stderr[-2000:]}")
+    return out

@@ -334,3 +334,110 @@ def test_bootstrap_is_fast_enough_for_a_real_test_split() -> None:
     start = time.perf_counter()
     bootstrap_ci(p, y, groups, n_boot=1000)
     assert time.perf_counter() - start < 20
+
+
+# ------------------------------------------------------------------ comparison, curves, calibration
+
+
+def brute_force_delong(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong et al. (1988) by definition: psi over all m*n positive/negative pairs, O(m n)."""
+    x, z = scores[:, y == 1], scores[:, y == 0]
+    psi = (x[:, :, None] > z[:, None, :]) + 0.5 * (x[:, :, None] == z[:, None, :])  # [k, m, n]
+    v10, v01 = psi.mean(axis=2), psi.mean(axis=1)
+    m, n = x.shape[1], z.shape[1]
+    return psi.mean(axis=(1, 2)), np.cov(v10) / m + np.cov(v01) / n
+
+
+def test_fast_delong_matches_the_definition_and_sklearn() -> None:
+    from chexdist.metrics import delong_auc_cov
+
+    rng = np.random.default_rng(3)
+    y = (rng.random(300) < 0.3).astype(int)
+    a = np.round(0.4 * y + rng.random(300), 1)  # ties on purpose
+    b = np.round(0.2 * y + 0.6 * a + 0.4 * rng.random(300), 2)
+    aucs, cov = delong_auc_cov(np.stack([a, b]), y)
+    ref_aucs, ref_cov = brute_force_delong(np.stack([a, b]), y)
+    np.testing.assert_allclose(aucs, ref_aucs, atol=1e-12)
+    np.testing.assert_allclose(aucs, [roc_auc_score(y, a), roc_auc_score(y, b)], atol=1e-12)
+    np.testing.assert_allclose(cov, ref_cov, atol=1e-12)
+
+
+def test_delong_test_agrees_with_paired_bootstrap() -> None:
+    from chexdist.metrics import delong_test, paired_bootstrap_auc
+
+    rng = np.random.default_rng(4)
+    n = 1500
+    y = (rng.random((n, C)) < 0.2).astype(np.int64)
+    y[:2], y[2:4] = 1, 0
+    a = np.clip(0.25 * y + 0.75 * rng.random((n, C)), 0, 1)
+    b = np.clip(0.6 * a + 0.1 * y + 0.3 * rng.random((n, C)), 0, 1)
+    test = delong_test(a, b, y)
+    boot = paired_bootstrap_auc(a, b, y, np.arange(n), n_boot=1000, seed=1)
+    for j, name in enumerate(LABELS):
+        diff = roc_auc_score(y[:, j], b[:, j]) - roc_auc_score(y[:, j], a[:, j])
+        assert test[name]["diff"] == pytest.approx(diff, abs=1e-12)
+        assert boot["per_class"][name]["diff"] == pytest.approx(diff, abs=1e-12)
+        # Image-level bootstrap SE of the difference ~ DeLong's SE (both estimate the same variance).
+        lo, hi = boot["per_class"][name]["ci"]
+        assert (hi - lo) / (2 * 1.96) == pytest.approx(test[name]["se"], rel=0.2), name
+        assert 0 <= test[name]["p"] <= 1
+    same = paired_bootstrap_auc(a, a, y, np.arange(n), n_boot=50)
+    assert same["macro"]["diff"] == 0 and same["macro"]["ci"] == [0.0, 0.0] and same["macro"]["p_boot"] == 1.0
+    assert delong_test(a, a, y)["Atelectasis"]["p"] == 1.0
+
+
+def test_paired_bootstrap_resamples_patients() -> None:
+    from chexdist.metrics import paired_bootstrap_auc
+
+    p, y, groups = patient_case(40, 20)
+    q = np.clip(p + 0.05 * np.random.default_rng(2).standard_normal(p.shape), 0, 1)
+    by_patient = paired_bootstrap_auc(p, q, y, groups, n_boot=300)
+    by_image = paired_bootstrap_auc(p, q, y, np.arange(len(p)), n_boot=300)
+    width = lambda e: e["ci"][1] - e["ci"][0]  # noqa: E731
+    assert by_patient["macro"]["diff"] == by_image["macro"]["diff"]
+    assert width(by_patient["macro"]) > 1.5 * width(by_image["macro"])
+
+
+def test_precision_recall_specificity_resampled_like_sklearn() -> None:
+    rng = np.random.default_rng(8)
+    groups = np.repeat(np.arange(10), 3)
+    y = (rng.random((30, C)) < 0.4).astype(np.int64)
+    p = rng.random((30, C))
+    counts = rng.multinomial(10, np.full(10, 0.1), size=5)
+    out = _Resampler(p, y, groups, np.full(C, 0.5))(counts)
+    for b, row in enumerate(counts):
+        idx = np.repeat(np.arange(30), row[groups])
+        for j in range(C):
+            yb, pred = y[idx, j], p[idx, j] >= 0.5
+            if yb.sum():
+                assert out["precision"][b, j] == pytest.approx(precision_score(yb, pred, zero_division=0), abs=1e-12)
+                assert out["recall"][b, j] == pytest.approx(recall_score(yb, pred), abs=1e-12)
+            if (yb == 0).sum():
+                assert out["specificity"][b, j] == pytest.approx(recall_score(1 - yb, ~pred), abs=1e-12)
+
+
+def test_curve_points_and_reliability_match_sklearn() -> None:
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
+    from chexdist.metrics import curve_points, reliability
+
+    p, y = make_case("ties")
+    pts = curve_points(p[:, 3], y[:, 3])
+    fpr, tpr, _ = roc_curve(y[:, 3], p[:, 3], drop_intermediate=False)
+    np.testing.assert_allclose(pts["fpr"], fpr, atol=1e-12)
+    np.testing.assert_allclose(pts["tpr"], tpr, atol=1e-12)
+    assert auc(pts["fpr"], pts["tpr"]) == pytest.approx(roc_auc_score(y[:, 3], p[:, 3]), abs=1e-12)
+    precision, recall, _ = precision_recall_curve(y[:, 3], p[:, 3])
+    np.testing.assert_allclose(pts["precision"][::-1], precision[:-1], atol=1e-12)
+    np.testing.assert_allclose(pts["recall"][::-1], recall[:-1], atol=1e-12)
+
+    p, y = make_case("random")
+    rel = reliability(p, y, bins=10)
+    observed, predicted = calibration_curve(y[:, 5], p[:, 5], n_bins=10)
+    ours = rel["per_class"][LABELS[5]]
+    kept = [i for i, c in enumerate(ours["count"]) if c]
+    np.testing.assert_allclose(np.array(ours["observed"])[kept], observed, atol=1e-12)
+    np.testing.assert_allclose(np.array(ours["mean_prob"])[kept], predicted, atol=1e-12)
+    counts = np.array(ours["count"])[kept]
+    assert rel["ece"][LABELS[5]] == pytest.approx((counts / len(p) * np.abs(observed - predicted)).sum(), abs=1e-12)
