@@ -276,7 +276,8 @@ def localize(
         check_unique_names(wanted)
 
     pipeline = InputPipeline(loaded.info, loaded.transform)
-    device = next(loaded.model.parameters()).device
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loaded.model.to(device)
     rows: list[dict] = []
     failures: list[Failure] = []
     outside = 0
@@ -334,7 +335,7 @@ def localize(
         "target_layer": explainer.layer_name,
         "cam_threshold": cam_threshold,
         "box_frame": box_frame,
-        "input_size": list(pipeline.center.size) if pipeline.center else None,
+        "input_size": list(pipeline.center.size),
         "n_boot": n_boot,
         "level": level,
         "seed": seed,

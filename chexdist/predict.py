@@ -65,7 +65,7 @@ def predict_files(
     model = loaded.model.to(device).eval()
     explainer = None
     if cam_dir is not None:
-        from chexdist.cam import GradCam, check_unique_names
+        from chexdist.cam import GradCam, check_unique_names, write_overlays
 
         check_unique_names(files)
         explainer = GradCam(model)
@@ -96,8 +96,6 @@ def predict_files(
                 if explainer is not None:
                     record["cam"] = []
             if explainer is not None and cams:
-                from chexdist.cam import write_overlays
-
                 for record, path in zip(owners, write_overlays(explainer, cams, Path(cam_dir), batch_size)):
                     record["cam"].append(str(path))
                     result.overlays.append(str(path))

@@ -112,13 +112,13 @@ def test_bootstrap_mean_ci_resamples_patients():
     assert bootstrap_mean_ci([], [], n_boot=10)["value"] is None
 
 
-def test_pointing_game_on_held_out_synthetic_images(cam_run, tmp_path):
+def test_pointing_game_on_held_out_synthetic_images(trained_run, eval_shards, tmp_path):
     """Held-out (test list) synthetic images with their motif boxes: the Grad-CAM peak lands in the
     finding's box far more often than a random point would."""
-    nih = cam_run.parent / "nih"
+    nih = eval_shards.parent / "nih"
     test_names = set(read_image_list(nih / "test_list.txt"))
     images = [p for p in sorted(nih.glob("images_*/images/*.png")) if p.name in test_names]
-    report = localize(cam_run, images, nih / "BBox_List_2017.csv", n_boot=300)
+    report = localize(trained_run, images, nih / "BBox_List_2017.csv", n_boot=300)
     json.dumps(report, allow_nan=False)
     overall = report["overall"]
     assert report["resampled"] == "patients" and report["target_layer"] == "layer4"
@@ -133,25 +133,25 @@ def test_pointing_game_on_held_out_synthetic_images(cam_run, tmp_path):
     assert scored == overall["boxes"] == len(report["records"])
 
 
-def test_cam_cli_overlays_and_localization_report(cam_run, tmp_path, capsys):
-    nih = cam_run.parent / "nih"
+def test_cam_cli_overlays_and_localization_report(trained_run, eval_shards, tmp_path, capsys):
+    nih = eval_shards.parent / "nih"
     images = sorted(nih.glob("images_*/images/*.png"))[:4]
     out = tmp_path / "cams"
-    assert cli.main(["cam", "--run", str(cam_run), *map(str, images), "--out", str(out), "--quiet"]) == 0
+    assert cli.main(["cam", "--run", str(trained_run), *map(str, images), "--out", str(out), "--quiet"]) == 0
     from chexdist.predict import predict_files
 
-    expected = {f"{r['image'].rsplit('/', 1)[1][:-4]}_{f}.png" for r in predict_files(cam_run, images, progress=False).records
+    expected = {f"{r['image'].rsplit('/', 1)[1][:-4]}_{f}.png" for r in predict_files(trained_run, images, progress=False).records
                 for f in r["positive"]}
     assert {p.name for p in out.iterdir()} == expected and expected
     overlay = Image.open(next(out.iterdir()))
     assert overlay.mode == "RGB" and overlay.size == (128, 128)
 
     forced = tmp_path / "forced"
-    assert cli.main(["cam", "--run", str(cam_run), *map(str, images), "--out", str(forced), "--finding", "Infiltrate", "--quiet"]) == 0
+    assert cli.main(["cam", "--run", str(trained_run), *map(str, images), "--out", str(forced), "--finding", "Infiltrate", "--quiet"]) == 0
     assert sorted(p.name for p in forced.iterdir()) == sorted(f"{p.stem}_Infiltration.png" for p in images)
 
     loc = tmp_path / "loc"
-    code = cli.main(["cam", "--run", str(cam_run), str(nih), "--out", str(loc), "--localize", str(nih / "BBox_List_2017.csv"),
+    code = cli.main(["cam", "--run", str(trained_run), str(nih / "images_001" / "images"), "--out", str(loc), "--localize", str(nih / "BBox_List_2017.csv"),
                      "--bootstrap", "50", "--quiet"])
     assert code == 0
     report = json.loads((loc / "localization.json").read_text())
@@ -159,4 +159,4 @@ def test_cam_cli_overlays_and_localization_report(cam_run, tmp_path, capsys):
     assert report["boxes_scored"] == len(lines) - 1 == sum(1 for p in loc.glob("*.png"))
     assert "pointing [95% CI]" in capsys.readouterr().out
     with pytest.raises(ChexdistError, match="unknown finding 'Nope'"):
-        predict_files(cam_run, images, cam_dir=tmp_path / "x", cam_finding="Nope")
+        predict_files(trained_run, images, cam_dir=tmp_path / "x", cam_finding="Nope")

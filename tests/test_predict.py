@@ -29,16 +29,14 @@ def real_images(real_data):
 
 
 @pytest.fixture(scope="module")
-def predictions(cam_run, real_images):
-    return predict_files(cam_run, [REAL_IMAGES], batch_size=16, progress=False)
+def predictions(trained_run, real_images):
+    return predict_files(trained_run, [REAL_IMAGES], batch_size=16, progress=False)
 
 
-def test_probabilities_match_inference_on_packed_shards(cam_run, real_images, predictions, tmp_path):
-    """The 70 real images packed at the run's size and scored by the gathered split inference
-    (the path `chexdist evaluate` uses) give the probabilities predict gives for the files."""
-    from accelerate import Accelerator
-
-    from chexdist.inference import load_run, predict_split
+def test_probabilities_match_evaluate_on_the_packed_images(trained_run, real_images, predictions, tmp_path):
+    """The 70 real images packed at the run's size and scored by `chexdist evaluate` (its
+    predictions.csv) get the probabilities predict gives for the original files."""
+    from chexdist.evaluate import evaluate_run, read_predictions
     from chexdist.pack import PackSettings, pack_dataset
     from chexdist.shardformat import load_manifest
 
@@ -50,20 +48,18 @@ def test_probabilities_match_inference_on_packed_shards(cam_run, real_images, pr
     with gzip.open(REAL_CSV, "rt") as f:
         lines = f.read().splitlines()
     (nih / "Data_Entry_2017.csv").write_text("\n".join([lines[0]] + [l for l in lines[1:] if l.split(",", 1)[0] in names]) + "\n")
-    run = load_run(cam_run)
-    size = run.info["shards"]["image"]["size"]
+    size = json.loads((trained_run / "best.json").read_text())["shards"]["image"]["size"]
     assert size == 144
-    pack_dataset(nih, tmp_path / "shards", PackSettings(split="random", size=size, shard_size=16), workers=2, progress=False)
-    manifest = load_manifest(tmp_path / "shards")
-    accelerator = Accelerator(cpu=True)
+    shards = tmp_path / "shards"
+    pack_dataset(nih, shards, PackSettings(split="random", size=size, shard_size=16), workers=2, progress=False)
     packed = {}
-    for split in ("train", "val", "test"):
-        if manifest["splits"][split]["samples"]:
-            pred = predict_split(run.model, accelerator, str(tmp_path / "shards"), split, run.config, manifest,
-                                 transform=run.transform, with_keys=True)
-            packed.update(zip(pred.keys, pred.probs))
+    for split, info in load_manifest(shards)["splits"].items():
+        if info["samples"]:
+            evaluate_run(trained_run, split=split, shards=str(shards), n_boot=0, out=tmp_path / split, progress=False, plots=False)
+            table = read_predictions(tmp_path / split / "predictions.csv")
+            packed.update(zip(table["keys"], table["probs"]))
     assert len(packed) == 70 and not predictions.failures
-    labels = run.info["labels"]
+    labels = json.loads((trained_run / "best.json").read_text())["labels"]
     ours = {r["image"].rsplit("/", 1)[1][:-4]: np.array([r["probabilities"][k] for k in labels]) for r in predictions.records}
     assert ours.keys() == packed.keys()
     diff = max(float(np.abs(ours[k] - packed[k]).max()) for k in ours)
@@ -72,14 +68,14 @@ def test_probabilities_match_inference_on_packed_shards(cam_run, real_images, pr
     assert spread > 1e-3, "the images get different probabilities (a constant model would match trivially)"
 
 
-def test_positive_findings_use_the_stored_thresholds(cam_run, predictions):
-    thresholds = json.loads((cam_run / "best.json").read_text())["thresholds"]
+def test_positive_findings_use_the_stored_thresholds(trained_run, predictions):
+    thresholds = json.loads((trained_run / "best.json").read_text())["thresholds"]
     assert any(r["positive"] for r in predictions.records)
     for r in predictions.records:
         assert r["positive"] == [k for k, p in r["probabilities"].items() if p >= thresholds[k]]
 
 
-def test_16bit_rgba_and_palette_files_match_the_8bit_original(cam_run, real_images, predictions, tmp_path):
+def test_16bit_rgba_and_palette_files_match_the_8bit_original(trained_run, real_images, predictions, tmp_path):
     src = real_images[0]
     gray = load_gray8(src)
     Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")  # full 16-bit range
@@ -90,7 +86,7 @@ def test_16bit_rgba_and_palette_files_match_the_8bit_original(cam_run, real_imag
     tinted = np.dstack([gray, (gray * 0.6).astype(np.uint8), (gray * 0.3).astype(np.uint8)])
     Image.fromarray(tinted, "RGB").save(tmp_path / "colour.jpg", quality=95)
 
-    result = predict_files(cam_run, [tmp_path], progress=False)
+    result = predict_files(trained_run, [tmp_path], progress=False)
     assert not result.failures
     by_name = {r["image"].rsplit("/", 1)[1]: r for r in result.records}
     original = next(r for r in predictions.records if r["image"].endswith(src.name))
@@ -100,16 +96,16 @@ def test_16bit_rgba_and_palette_files_match_the_8bit_original(cam_run, real_imag
     assert any(w.startswith("colour image") for w in by_name["colour.jpg"]["warnings"])
 
 
-def test_manifest_statistics_and_warnings_for_unlike_inputs(cam_run, predictions):
+def test_manifest_statistics_and_warnings_for_unlike_inputs(trained_run, eval_shards, predictions):
     """Packing recorded the training split's statistics (checked here against the shard images);
     real 1024 px X-rays are flagged as unlike the 160 px synthetic training images, synthetic test
     images are not."""
     from chexdist.shardformat import load_manifest
 
-    shards = cam_run.parent / "shards"
+    shards = eval_shards
     manifest = load_manifest(shards)
     stats = manifest["image"]["stats"]["train"]
-    best = json.loads((cam_run / "best.json").read_text())
+    best = json.loads((trained_run / "best.json").read_text())
     assert best["shards"]["image"]["stats"]["train"] == stats
     means, stds = [], []
     for entry in manifest["splits"]["train"]["shards"]:
@@ -125,14 +121,14 @@ def test_manifest_statistics_and_warnings_for_unlike_inputs(cam_run, predictions
     assert stats["short_side"]["min"] == stats["short_side"]["max"] == 160 and stats["aspect"]["max"] == 1.0
 
     assert all(any(w.startswith("shorter side (px) 1024") for w in r["warnings"]) for r in predictions.records)
-    nih = cam_run.parent / "nih"
+    nih = eval_shards.parent / "nih"
     synthetic = sorted(nih.glob("images_*/images/*.png"))[-5:]
-    assert all(not r["warnings"] for r in predict_files(cam_run, synthetic, progress=False).records)
+    assert all(not r["warnings"] for r in predict_files(trained_run, synthetic, progress=False).records)
 
 
-def test_cli_formats_and_outputs(cam_run, real_images, predictions, tmp_path, capsys):
+def test_cli_formats_and_outputs(trained_run, real_images, predictions, tmp_path, capsys):
     out = tmp_path / "pred.csv"
-    assert cli.main(["predict", "--run", str(cam_run), *map(str, real_images[:3]), "--format", "csv", "--out", str(out)]) == 0
+    assert cli.main(["predict", "--run", str(trained_run), *map(str, real_images[:3]), "--format", "csv", "--out", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
     assert [r["image"] for r in rows] == [str(p) for p in real_images[:3]]
     reference = {r["image"]: r for r in predictions.records}
@@ -141,14 +137,14 @@ def test_cli_formats_and_outputs(cam_run, real_images, predictions, tmp_path, ca
         assert float(row["Effusion"]) == pytest.approx(expected["probabilities"]["Effusion"], abs=1e-6)
         assert row["positive"] == "|".join(expected["positive"])
     capsys.readouterr()
-    assert cli.main(["predict", "--run", str(cam_run), str(real_images[0]), "--cam", str(tmp_path / "cams"), "--finding", "Mass"]) == 0
+    assert cli.main(["predict", "--run", str(trained_run), str(real_images[0]), "--cam", str(tmp_path / "cams"), "--finding", "Mass"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["failures"] == [] and len(payload["predictions"]) == 1
     assert payload["predictions"][0]["cam"] == [str(tmp_path / "cams" / f"{real_images[0].stem}_Mass.png")]
     assert Image.open(payload["predictions"][0]["cam"][0]).size == (128, 128)
 
 
-def test_bad_files_in_a_batch_are_listed_and_the_rest_predicted(cam_run, real_images, tmp_path, capsys):
+def test_bad_files_in_a_batch_are_listed_and_the_rest_predicted(trained_run, real_images, tmp_path, capsys):
     folder = tmp_path / "batch"
     folder.mkdir()
     shutil.copy(real_images[0], folder / "good.png")
@@ -156,7 +152,7 @@ def test_bad_files_in_a_batch_are_listed_and_the_rest_predicted(cam_run, real_im
     data = real_images[1].read_bytes()
     (folder / "truncated.png").write_bytes(data[: len(data) // 3])
     out = tmp_path / "out.json"
-    code = cli.main(["predict", "--run", str(cam_run), str(folder), str(tmp_path / "missing.png"), "--out", str(out), "--quiet"])
+    code = cli.main(["predict", "--run", str(trained_run), str(folder), str(tmp_path / "missing.png"), "--out", str(out), "--quiet"])
     assert code == 2
     payload = json.loads(out.read_text())
     assert [r["image"] for r in payload["predictions"]] == [str(folder / "good.png")]
@@ -175,18 +171,18 @@ def one_error_line(capsys, argv: list[str]) -> str:
     return err[0]
 
 
-def test_bad_runs_give_one_line_and_exit_2(cam_run, real_images, tmp_path, capsys):
+def test_bad_runs_give_one_line_and_exit_2(trained_run, real_images, tmp_path, capsys):
     image = str(real_images[0])
     assert "no such run folder" in one_error_line(capsys, ["predict", "--run", str(tmp_path / "nope"), image])
     bare = tmp_path / "bare"
     bare.mkdir()
-    shutil.copy(cam_run / "best.safetensors", bare / "best.safetensors")
+    shutil.copy(trained_run / "best.safetensors", bare / "best.safetensors")
     assert "no best.json" in one_error_line(capsys, ["predict", "--run", str(bare), image])
     swapped = tmp_path / "swapped"
     swapped.mkdir()
-    shutil.copy(cam_run / "best.safetensors", swapped / "best.safetensors")
-    info = json.loads((cam_run / "best.json").read_text())
+    shutil.copy(trained_run / "best.safetensors", swapped / "best.safetensors")
+    info = json.loads((trained_run / "best.json").read_text())
     info["labels"][0], info["labels"][1] = info["labels"][1], info["labels"][0]
     (swapped / "best.json").write_text(json.dumps(info))
     assert "label order differs" in one_error_line(capsys, ["cam", "--run", str(swapped), image, "--out", str(tmp_path / "c")])
-    assert "no images among" in one_error_line(capsys, ["predict", "--run", str(cam_run), str(tmp_path / "bare")])
+    assert "no images among" in one_error_line(capsys, ["predict", "--run", str(trained_run), str(tmp_path / "bare")])
