@@ -4,12 +4,13 @@ radiologist boxes (pointing game, IoU of the thresholded map's box) with patient
 Grad-CAM is pytorch-grad-cam's (the `cam` extra) at `models.gradcam_target_layer`: DenseNet's
 `features` (taken after the functional ReLU the classifier pools), ResNet's `layer4`, EfficientNet's
 `bn2`, and for a ViT the last block's tokens reshaped to the patch grid (for a class-token ViT the
-block's `norm1`, because the class token of the block's output does not depend on the patch tokens).
+block's `norm1`: its classifier reads only the class token of the block's output, so that output's
+patch tokens get no gradient).
 Maps stay at the feature grid's resolution, min-max scaled to [0, 1]; the pointing game's peak is the
 centre of the strongest grid cell (the map holds nothing finer), and overlays and the IoU box use the
 bilinear upsampling to the input crop. Scores are computed in the model's input crop: boxes are
 mapped there through the same resize and crop as the image, clipped to it, and a box the crop
-removes entirely is counted (``outside_crop``) and left out of the rates.
+removes entirely is counted (``boxes_outside_crop``) and left out of the rates.
 """
 
 from __future__ import annotations
