@@ -151,7 +151,8 @@ def test_cam_cli_overlays_and_localization_report(trained_run, eval_shards, tmp_
     assert sorted(p.name for p in forced.iterdir()) == sorted(f"{p.stem}_Infiltration.png" for p in images)
 
     loc = tmp_path / "loc"
-    code = cli.main(["cam", "--run", str(trained_run), str(nih / "images_001" / "images"), "--out", str(loc), "--localize", str(nih / "BBox_List_2017.csv"),
+    code = cli.main(["cam", "--run", str(trained_run), str(nih / "images_001" / "images"), "--out", str(loc),
+                     "--localize", str(nih / "BBox_List_2017.csv"),
                      "--bootstrap", "50", "--quiet"])
     assert code == 0
     report = json.loads((loc / "localization.json").read_text())
@@ -160,3 +161,23 @@ def test_cam_cli_overlays_and_localization_report(trained_run, eval_shards, tmp_
     assert "pointing [95% CI]" in capsys.readouterr().out
     with pytest.raises(ChexdistError, match="unknown finding 'Nope'"):
         predict_files(trained_run, images, cam_dir=tmp_path / "x", cam_finding="Nope")
+
+
+def test_boxes_the_crop_removes_are_counted_not_scored(trained_run, eval_shards, tmp_path):
+    """A box inside the 8 px border that the 144 -> 128 center crop cuts away is counted as outside
+    the crop; a box in the files' own pixels (box_frame=0) is scaled by nothing; other file names than
+    NIH's are resampled per image."""
+    import pandas as pd
+
+    source = sorted((eval_shards.parent / "nih").glob("images_*/images/*.png"))[0]
+    image = tmp_path / "case-a.png"
+    image.write_bytes(source.read_bytes())
+    boxes = pd.DataFrame({"image": [image.name, image.name], "label": ["Effusion", "Mass"],
+                          "x": [0.0, 40.0], "y": [0.0, 50.0], "w": [6.0, 80.0], "h": [150.0, 60.0]})
+    report = localize(trained_run, [image], boxes, box_frame=0, n_boot=20)
+    assert report["boxes_outside_crop"] == 1 and report["boxes_scored"] == 1 and report["resampled"] == "images"
+    (record,) = report["records"]
+    scale = 144 / 160  # 160 px file packed at 144; Resize(144) keeps it; crop offset (144 - 128) / 2 = 8
+    expected = [40 * scale - 8, 50 * scale - 8, 120 * scale - 8, 110 * scale - 8]
+    assert record["finding"] == "Mass" and record["box"] == pytest.approx(expected, abs=1e-3)
+    assert report["per_finding"]["Effusion"]["boxes"] == 0 and report["per_finding"]["Effusion"]["pointing_hit_rate"] is None

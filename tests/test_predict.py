@@ -47,7 +47,8 @@ def test_probabilities_match_evaluate_on_the_packed_images(trained_run, real_ima
         (nih / "images" / p.name).symlink_to(p)
     with gzip.open(REAL_CSV, "rt") as f:
         lines = f.read().splitlines()
-    (nih / "Data_Entry_2017.csv").write_text("\n".join([lines[0]] + [l for l in lines[1:] if l.split(",", 1)[0] in names]) + "\n")
+    rows = [line for line in lines[1:] if line.split(",", 1)[0] in names]
+    (nih / "Data_Entry_2017.csv").write_text("\n".join([lines[0], *rows]) + "\n")
     size = json.loads((trained_run / "best.json").read_text())["shards"]["image"]["size"]
     assert size == 144
     shards = tmp_path / "shards"
