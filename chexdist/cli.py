@@ -256,15 +256,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         result = compare_runs(*args.compare, split=args.split, n_boot=args.bootstrap or 1000, seed=args.seed,
                               level=args.level, out=args.out)
         m = result["macro"]
-        print(f"macro AUROC {m['auc_a']:.4f} (a) vs {m['auc_b']:.4f} (b): b - a = {m['diff']:+.4f} "
-              f"[{m['ci'][0]:+.4f}, {m['ci'][1]:+.4f}] on {result['images']} images of {result['patients']} patients")
+        show = lambda v, sign="": "n/a" if v is None else f"{v:{sign}.4f}"  # noqa: E731
+        print(f"macro AUROC {show(m['auc_a'])} (a) vs {show(m['auc_b'])} (b): b - a = {show(m['diff'], '+')} "
+              f"[{show(m['ci'][0], '+')}, {show(m['ci'][1], '+')}] on {result['images']} images of {result['patients']} patients")
         print(f"wrote {result['out']}/compare.json and compare.md")
         return 0
     if not args.run:
         raise ChexdistError("give --run runs/NAME (or --compare runs/A runs/B)")
     result = evaluate_run(args.run, split=args.split, checkpoint=args.checkpoint, shards=args.shards,
                           n_boot=args.bootstrap, out=args.out, seed=args.seed, level=args.level,
-                          progress=not args.no_progress, plots=not args.no_plots)
+                          progress=not args.no_progress, plots=not args.no_plots, ci_method=args.ci)
     if result is None:  # not the main process of a launch
         return 0
     auc, f1 = result["macro"]["auc"], result["macro"]["f1"]
@@ -394,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", default=None, help="shard folder (default: the one the run was trained on)")
     p.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the 95%% CIs (0 = none)")
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
+    p.add_argument("--ci", default="percentile", choices=("percentile", "bca"),
+                   help="bootstrap interval: percentile, or bca (scipy.stats.bootstrap over patients; needs scipy)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--out", default=None, help="output folder (default runs/NAME/eval-SPLIT)")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),

@@ -86,20 +86,25 @@ def _scored(point: float, ci: dict | None, key: str, name: str | None, reason: s
     if ci is not None:
         interval = ci[key][name] if name is not None else ci[f"{key}_mean"]
         used = ci["n_used"][key][name] if name is not None else ci["n_used"][f"{key}_mean"]
-        entry["ci"] = [_num(interval[0]), _num(interval[1])] if used else None
+        bounds = [_num(interval[0]), _num(interval[1])]
+        entry["ci"] = bounds if used and None not in bounds else None
         entry["ci_resamples"] = int(used)
+        if entry["ci"] is None:
+            entry["ci_null_reason"] = ("no resample could score it" if not used else
+                                       "BCa undefined: some patient resamples or jackknife samples cannot score it")
     return entry
 
 
 def summarize(probs: np.ndarray, targets: np.ndarray, patients: np.ndarray, thresholds: Any, n_boot: int = 1000,
-              seed: int = 0, level: float = 0.95, labels=LABELS) -> dict[str, Any]:
+              seed: int = 0, level: float = 0.95, labels=LABELS, ci_method: str = "percentile") -> dict[str, Any]:
     """Point metrics at the given (validation-tuned) thresholds, patient-bootstrap CIs, the clearly
     optimistic test-tuned F1, and calibration; strict-JSON ready (undefined values are null with a reason)."""
     t = threshold_array(thresholds, labels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         point = per_class_metrics(probs, targets, t, labels)
-        ci = bootstrap_ci(probs, targets, patients, t, n_boot=n_boot, seed=seed, level=level, labels=labels) if n_boot else None
+        ci = bootstrap_ci(probs, targets, patients, t, n_boot=n_boot, seed=seed, level=level, labels=labels,
+                          method=ci_method) if n_boot else None
         test_tuned = tune_thresholds(probs, targets, labels=labels)
         optimistic = per_class_metrics(probs, targets, test_tuned, labels)
     n = len(targets)
@@ -126,7 +131,7 @@ def summarize(probs: np.ndarray, targets: np.ndarray, patients: np.ndarray, thre
         "macro": macro,
         "macro_over": {key: [name for name in labels if per_class[name][key] is not None] for key in METRICS},
         "bootstrap": None if ci is None else {
-            "method": "percentile", "resampling": "patients", "n_boot": ci["n_boot"], "level": ci["level"],
+            "method": ci["method"], "resampling": "patients", "n_boot": ci["n_boot"], "level": ci["level"],
             "seed": ci["seed"], "patients": ci["n_groups"],
         },
         "optimistic_test_tuned": {
@@ -220,7 +225,7 @@ def report_markdown(result: dict[str, Any], published: list[dict[str, Any]], plo
         f"- thresholds: {result['thresholds_source']}",
     ]
     if boot:
-        lines.append(f"- 95% CIs: {boot['method']} bootstrap, {boot['n_boot']} resamples of the {boot['patients']} "
+        lines.append(f"- {boot['level']:.0%} CIs: {'BCa' if boot['method'] == 'bca' else 'percentile'} bootstrap, {boot['n_boot']} resamples of the {boot['patients']} "
                      f"patients (all images of a drawn patient), seed {boot['seed']}")
     else:
         lines.append("- no confidence intervals (--bootstrap 0)")
@@ -363,7 +368,7 @@ def _split_notes(split: str, info: dict[str, Any], manifest: dict[str, Any], tun
 def evaluate_run(run: str | os.PathLike, split: str = "test", checkpoint: str | None = "best",
                  shards: str | None = None, n_boot: int = 1000, out: str | os.PathLike | None = None,
                  seed: int = 0, level: float = 0.95, progress: bool = True, plots: bool = True,
-                 accelerator=None) -> dict[str, Any] | None:
+                 ci_method: str = "percentile", accelerator=None) -> dict[str, Any] | None:
     """Score `run` on `split`; the main process writes the report and returns its metrics, other
     ranks return None. Works in 1 process or under `accelerate launch` (each sample scored once)."""
     loaded = load_run(run, checkpoint)
@@ -387,7 +392,7 @@ def evaluate_run(run: str | os.PathLike, split: str = "test", checkpoint: str | 
         raise ChexdistError(f"{shards}: no readable sample in the {split} split ({preds.skipped} skipped)")
     probs, targets = preds.probs.astype(np.float64), preds.targets.numpy().astype(np.int64)
     patients = preds.patient_id.numpy()
-    summary = summarize(probs, targets, patients, loaded.thresholds, n_boot=n_boot, seed=seed, level=level)
+    summary = summarize(probs, targets, patients, loaded.thresholds, n_boot=n_boot, seed=seed, level=level, ci_method=ci_method)
     tuned = loaded.thresholds_tuned
     result: dict[str, Any] = {
         "run": str(run),

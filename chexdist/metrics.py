@@ -38,6 +38,8 @@ from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS
 
 THRESHOLD_METRICS: tuple[str, ...] = ("f1",)
+CI_METHODS: tuple[str, ...] = ("percentile", "bca")
+"""``bootstrap_ci(method=...)``: percentile (no extra dependency) or BCa (scipy.stats.bootstrap)."""
 """Values accepted by ``tune_thresholds(metric=...)`` (config key ``eval.threshold_metric``)."""
 
 DEFAULT_THRESHOLD = 0.5
@@ -370,9 +372,10 @@ def bootstrap_ci(
     seed: int = 0,
     level: float = 0.95,
     labels: Sequence[str] = LABELS,
+    method: str = "percentile",
 ) -> dict[str, Any]:
-    """Percentile bootstrap CIs for per-class AUROC, AP, F1/precision/recall/specificity (at fixed
-    thresholds) and their macro means.
+    """Bootstrap CIs for per-class AUROC, AP, F1/precision/recall/specificity (at fixed thresholds)
+    and their macro means: percentile (default) or BCa (``method="bca"``, see :func:`_bca_intervals`).
 
     Resamples GROUPS (patient IDs), not images: images of one patient are correlated, and resampling
     them independently gives intervals that are too narrow. Each resample draws as many groups as
@@ -382,11 +385,17 @@ def bootstrap_ci(
     many resamples each interval rests on, and one warning names the classes that lost any.
     Deterministic for a given seed.
     """
+    if method not in CI_METHODS:
+        raise ChexdistError(f"CI method {method!r} is not one of {list(CI_METHODS)}")
     p, y, names = _as_arrays(probs, targets, labels)
     t = threshold_array(thresholds, names)
     group_index = _group_index(groups, p.shape[0], n_boot, level)
     n_groups = int(group_index.max()) + 1
     resampled = _Resampler(p, y, group_index, t)
+    if method == "bca":
+        result, n_used = _bca_intervals(resampled, n_groups, n_boot, seed, level, names)
+        result.update(n_boot=int(n_boot), level=float(level), seed=int(seed), n_groups=n_groups, n_used=n_used, method=method)
+        return result
 
     chunks: dict[str, list[np.ndarray]] = {key: [] for key in _BOOT_METRICS}
     for counts in _draw_counts(seed, n_boot, n_groups):
@@ -409,8 +418,56 @@ def bootstrap_ci(
             f"bootstrap_ci: resamples without positives or negatives skipped for {', '.join(short)}",
             stacklevel=2,
         )
-    result.update(n_boot=int(n_boot), level=float(level), seed=int(seed), n_groups=n_groups, n_used=n_used)
+    result.update(n_boot=int(n_boot), level=float(level), seed=int(seed), n_groups=n_groups, n_used=n_used, method=method)
     return result
+
+
+def _counts_from_indices(indices: np.ndarray, n_groups: int) -> np.ndarray:
+    """[B, G'] drawn group indices -> [B, G] how often each group was drawn."""
+    rows = len(indices)
+    offsets = np.arange(rows)[:, None] * n_groups
+    return np.bincount((indices + offsets).ravel(), minlength=rows * n_groups).reshape(rows, n_groups)
+
+
+def _bca_intervals(resampled: _Resampler, n_groups: int, n_boot: int, seed: int, level: float,
+                   names: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """BCa intervals from scipy.stats.bootstrap, resampling PATIENTS: the data handed to scipy are
+    the patient indices, so its resamples and its jackknife (leave one patient out) are patient-level,
+    and the statistic scores each as integer weights with the same vectorized resampler. BCa needs
+    every resample and every jackknife sample to be scorable: an output with any that is not (a class
+    whose positives sit in few patients) gets a NaN interval, and ``n_used`` says how many resamples
+    were scorable."""
+    try:
+        from scipy.stats import bootstrap
+    except ImportError:
+        raise ChexdistError("BCa intervals need scipy: pip install 'chexdist[bca]' (or use the percentile method)") from None
+    width = len(names) + 1
+
+    def statistic(indices: np.ndarray, axis: int = -1) -> np.ndarray:
+        indices = np.asarray(indices)
+        lead = indices.shape[:-1]
+        values = resampled(_counts_from_indices(indices.reshape(-1, indices.shape[-1]), n_groups))
+        columns = [np.column_stack([values[key], _row_nanmean(values[key])]) for key in _BOOT_METRICS]
+        return np.moveaxis(np.concatenate(columns, axis=1).reshape(*lead, -1), -1, 0)
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        res = bootstrap((np.arange(n_groups),), statistic, vectorized=True, n_resamples=n_boot, batch=_BOOT_CHUNK,
+                        method="BCa", confidence_level=level, random_state=seed)
+    low, high = res.confidence_interval
+    used = (~np.isnan(res.bootstrap_distribution)).sum(axis=-1)
+    result: dict[str, Any] = {}
+    n_used: dict[str, Any] = {}
+    for k, key in enumerate(_BOOT_METRICS):
+        result[key], n_used[key] = {}, {}
+        for j, name in enumerate([*names, None]):
+            col = k * width + j
+            interval = [float(low[col]), float(high[col])]
+            if name is None:
+                result[f"{key}_mean"], n_used[f"{key}_mean"] = interval, int(used[col])
+            else:
+                result[key][name], n_used[key][name] = interval, int(used[col])
+    return result, n_used
 
 
 def paired_bootstrap_auc(

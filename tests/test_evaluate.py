@@ -168,6 +168,10 @@ def test_class_without_positives_is_null_with_reason_and_patient_cis_are_wider()
     assert "NaN" not in text
     width = lambda e: e["ci"][1] - e["ci"][0]  # noqa: E731
     assert width(by_patient["macro"]["auc"]) > 2 * width(by_image["macro"]["auc"])
+    bca = summarize(p, y, patients, 0.5, n_boot=200, ci_method="bca")
+    assert bca["bootstrap"]["method"] == "bca" and bca["per_class"]["Hernia"]["auc"] is None
+    lo, hi = bca["macro"]["auc"]["ci"]
+    assert lo < bca["macro"]["auc"]["value"] < hi and (lo, hi) != tuple(by_patient["macro"]["auc"]["ci"])
 
 
 def test_import_chexnet_checkpoint_gives_identical_outputs_and_evaluates(eval_shards: Path, tmp_path: Path, capsys):

@@ -441,3 +441,26 @@ def test_curve_points_and_reliability_match_sklearn() -> None:
     np.testing.assert_allclose(np.array(ours["mean_prob"])[kept], predicted, atol=1e-12)
     counts = np.array(ours["count"])[kept]
     assert rel["ece"][LABELS[5]] == pytest.approx((counts / len(p) * np.abs(observed - predicted)).sum(), abs=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:bootstrap_ci")
+def test_bca_resamples_patients_like_scipy_with_an_independent_statistic() -> None:
+    """Our BCa = scipy.stats.bootstrap(method="BCa") over patient indices, with sklearn's AUROC of the
+    materialized resample (all images of each drawn patient) as the statistic."""
+    from scipy.stats import bootstrap
+
+    p, y, groups = patient_case(30, 3, jitter=0.1)
+    ours = bootstrap_ci(p, y, groups, n_boot=200, seed=5, method="bca")
+    assert ours["method"] == "bca" and ours["n_used"]["auc"][LABELS[0]] == 200
+
+    def auc_of_patients(patients: np.ndarray) -> float:
+        idx = np.concatenate([np.flatnonzero(groups == g) for g in patients])
+        return roc_auc_score(y[idx, 0], p[idx, 0])
+
+    reference = bootstrap((np.arange(30),), auc_of_patients, vectorized=False, n_resamples=200, batch=32,
+                          method="BCa", random_state=5)
+    np.testing.assert_allclose(ours["auc"][LABELS[0]], list(reference.confidence_interval), atol=1e-9)
+    percentile = bootstrap_ci(p, y, groups, n_boot=200, seed=5)
+    assert ours["auc"][LABELS[0]] != percentile["auc"][LABELS[0]]
+    with pytest.raises(ChexdistError, match="CI method 'normal'"):
+        bootstrap_ci(p, y, groups, n_boot=10, method="normal")
