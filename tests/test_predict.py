@@ -13,6 +13,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from chexdist import cli
@@ -187,3 +188,25 @@ def test_bad_runs_give_one_line_and_exit_2(trained_run, real_images, tmp_path, c
     (swapped / "best.json").write_text(json.dumps(info))
     assert "label order differs" in one_error_line(capsys, ["cam", "--run", str(swapped), image, "--out", str(tmp_path / "c")])
     assert "no images among" in one_error_line(capsys, ["predict", "--run", str(trained_run), str(tmp_path / "bare")])
+
+
+def test_imported_checkpoint_predicts_without_packing_information(trained_run, real_images, tmp_path, capsys):
+    """An imported checkpoint has no shards info: files skip the pack resize (the eval Resize alone
+    scales them), thresholds are 0.5, and a note says inputs are not checked against training data."""
+    from chexdist.models import import_checkpoint
+
+    imported = tmp_path / "imported"
+    import_checkpoint(trained_run / "best.safetensors", "test_resnet", imported, image_size=128, eval_resize=144)
+    out = tmp_path / "imported.json"
+    assert cli.main(["predict", "--run", str(imported), *map(str, real_images[:4]), "--out", str(out)]) == 0
+    assert "recorded no input statistics" in capsys.readouterr().err
+    records = json.loads(out.read_text())["predictions"]
+    assert [r["image"] for r in records] == [str(p) for p in real_images[:4]]
+    from chexdist.inference import load_run
+
+    run = load_run(imported)
+    with torch.no_grad():
+        direct = torch.sigmoid(run.model(torch.stack([run.transform(load_gray8(p)) for p in real_images[:4]]))).numpy()
+    for r, expected in zip(records, direct):
+        assert r["positive"] == [k for k, p in r["probabilities"].items() if p >= 0.5] and r["warnings"] == []
+        assert np.abs(np.array(list(r["probabilities"].values())) - expected).max() < 1e-5
