@@ -225,6 +225,59 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_failures(failures: list[dict[str, str]]) -> int:
+    """Inputs a batch command could not read: one line each on stderr; exit code 2 if any."""
+    for failure in failures:
+        print(f"chexdist: error: {failure['error']}", file=sys.stderr)
+    if failures:
+        print(f"chexdist: {len(failures)} input(s) failed (listed above); the others were processed", file=sys.stderr)
+    return 2 if failures else 0
+
+
+def _warn_inputs(result) -> None:
+    if not result.statistics_recorded:
+        print("chexdist: note: the run's shards recorded no input statistics (packed by an older chexdist); "
+              "inputs are not checked against the training data", file=sys.stderr)
+    for record in result.records:
+        for warning in record["warnings"]:
+            print(f"chexdist: warning: {record['image']}: {warning}", file=sys.stderr)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from chexdist.predict import predict_files, write_records
+
+    result = predict_files(args.run, args.inputs, batch_size=args.batch_size, cam_dir=args.cam, cam_finding=args.finding,
+                           progress=not args.quiet)
+    write_records(result, args.format, args.out)
+    _warn_inputs(result)
+    if args.out:
+        print(f"wrote {len(result.records)} prediction(s) to {args.out}", file=sys.stderr)
+    return _report_failures(result.failures)
+
+
+def cmd_cam(args: argparse.Namespace) -> int:
+    if args.localize:
+        from chexdist.cam import format_localization, localize, write_localization
+
+        report = localize(args.run, args.inputs, args.localize, cam_threshold=args.cam_threshold, box_frame=args.box_frame,
+                          n_boot=args.bootstrap, batch_size=args.batch_size, out_dir=args.out, progress=not args.quiet)
+        print(format_localization(report))
+        print(f"report: {write_localization(report, args.out)}")
+        return _report_failures(report["failures"])
+    from chexdist.predict import predict_files
+
+    result = predict_files(args.run, args.inputs, batch_size=args.batch_size, cam_dir=args.out, cam_finding=args.finding,
+                           progress=not args.quiet)
+    _warn_inputs(result)
+    for record in result.records:
+        if not record["cam"]:
+            print(f"{record['image']}: no finding at or above its threshold (use --finding NAME to force one)")
+        for path in record["cam"]:
+            print(f"{record['image']}: {path}")
+    print(f"wrote {len(result.overlays)} overlay(s) to {args.out}")
+    return _report_failures(result.failures)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from chexdist.evaluate import compare_runs, evaluate_run
 
@@ -357,6 +410,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("predict", help="probabilities and findings at the run's thresholds for PNG/JPEG files or folders")
+    p.add_argument("--run", required=True, help="run folder with best.safetensors + best.json")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--format", default="json", choices=("json", "csv"))
+    p.add_argument("--out", help="output file (default: standard output)")
+    p.add_argument("--cam", metavar="DIR", help="also write Grad-CAM overlays of the positive findings to DIR")
+    p.add_argument("--finding", help="with --cam: overlay this finding for every image instead")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("cam", help="Grad-CAM overlays; with --localize, pointing game and IoU against radiologist boxes")
+    p.add_argument("--run", required=True, help="run folder with best.safetensors + best.json")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--out", required=True, help="folder for <image>_<finding>.png overlays (and the localization report)")
+    p.add_argument("--finding", help="overlay this finding for every image (default: those at or above threshold)")
+    p.add_argument("--localize", metavar="BBOX_CSV", help="score each box's finding against BBox_List_2017.csv boxes")
+    p.add_argument("--cam-threshold", type=float, default=0.5, help="--localize: map region at >= this fraction of its max")
+    p.add_argument("--box-frame", type=int, default=1024, help="--localize: box coordinates are pixels of this square frame "
+                   "(NIH: 1024), scaled to each file; 0: the files' own pixels")
+    p.add_argument("--bootstrap", type=int, default=1000, help="--localize: patient resamples for the CIs")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_cam)
 
     p = sub.add_parser("evaluate", help="test-set report with patient-bootstrap CIs at val-tuned thresholds; --compare two runs")
     p.add_argument("--run", help="run folder with best.safetensors + best.json (runs/NAME)")

@@ -183,7 +183,7 @@ def per_class_csv(summary: dict[str, Any], labels=LABELS) -> str:
 
 def predictions_csv(keys: list[str], patients: np.ndarray, probs: np.ndarray, targets: np.ndarray, labels=LABELS) -> str:
     header = ["image", "patient_id", *[f"prob_{n}" for n in labels], *[f"label_{n}" for n in labels]]
-    rows = [[k, int(pid), *[f"{v:.8f}" for v in p], *[int(v) for v in y]] for k, pid, p, y in zip(keys, patients, probs, targets)]
+    rows = [[k, int(pid), *[f"{v:.17g}" for v in p], *[int(v) for v in y]] for k, pid, p, y in zip(keys, patients, probs, targets)]
     return _csv_text(header, rows)
 
 

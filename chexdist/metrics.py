@@ -344,6 +344,25 @@ def _group_index(groups: Any, n: int, n_boot: Any, level: Any) -> np.ndarray:
         raise ChexdistError(f"groups: ids must be all numbers or all strings ({e})") from None
 
 
+def bootstrap_mean_ci(
+    values: Any, groups: Any, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, Any]:
+    """Mean of per-sample `values` (e.g. pointing-game hits, IoUs) with a percentile bootstrap CI
+    that resamples GROUPS (patients), as `bootstrap_ci` does for AUROC. None when there are no values."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    group_index = _group_index(groups, v.size, n_boot, level)
+    if v.size == 0:
+        return {"value": None, "ci": None, "n": 0, "groups": 0}
+    if not np.isfinite(v).all():
+        raise ChexdistError("bootstrap_mean_ci: values must be finite")
+    n_groups = int(group_index.max()) + 1
+    sums = np.bincount(group_index, weights=v, minlength=n_groups)
+    sizes = np.bincount(group_index, minlength=n_groups).astype(np.float64)
+    means = [(counts @ sums) / (counts @ sizes) for counts in _draw_counts(seed, n_boot, n_groups)]
+    ci, _ = _percentile_interval(np.concatenate(means), level)
+    return {"value": float(v.mean()), "ci": ci, "n": int(v.size), "groups": n_groups}
+
+
 def bootstrap_ci(
     probs: Any,
     targets: Any,

@@ -209,10 +209,14 @@ def gradcam_target_layer(model: nn.Module) -> nn.Module:
 
     DenseNet-121: `features`; EfficientNet: `bn2` (after conv_head); other timm models: the last stage
     from `feature_info` (ResNet `layer4`, ConvNeXt `stages.3`). For ViTs this is the last block, whose
-    output is tokens (N, 1 + H*W, D): Grad-CAM must drop the class token and reshape to a grid.
+    output is tokens (N, 1 + H*W, D): Grad-CAM must drop the class token and reshape to a grid. A
+    class-token ViT reads only the class token of that output, so the patch tokens get no gradient
+    there; its layer is the last block's `norm1`, whose tokens feed the class token through attention.
     """
     if hasattr(model, "features") and isinstance(model.features, nn.Module) and not hasattr(model, "feature_info"):
         return model.features
+    if hasattr(model, "patch_embed") and getattr(model, "global_pool", None) == "token" and hasattr(model, "blocks"):
+        return model.blocks[-1].norm1
     if hasattr(model, "conv_head") and isinstance(getattr(model, "bn2", None), nn.Module):
         return model.bn2
     info = getattr(model, "feature_info", None)

@@ -167,20 +167,42 @@ def plan_shards(release: NihRelease, settings: PackSettings) -> tuple[list[Shard
     return plans, missing
 
 
-def encode_sample(task: tuple[str, int, str, int]) -> tuple[bytes | None, str | None]:
-    """Worker-process stage: read, convert to 8-bit gray, resize, encode. Returns (bytes, error)."""
+def encode_sample(task: tuple[str, int, str, int]) -> tuple[bytes | None, str | None, list[float] | None]:
+    """Worker-process stage: read, convert to 8-bit gray, resize, encode. Returns (bytes, error,
+    input statistics); the statistics let `chexdist predict` flag inputs unlike the training data."""
     path, size, fmt, quality = task
     try:
-        image = load_gray8(path)
-        if size:
-            image = resize_shorter(image, size)
-        return encode(image, fmt, quality), None
+        original = load_gray8(path)
+        image = resize_shorter(original, size) if size else original
+        return encode(image, fmt, quality), None, image_statistics(original.shape, image)
     except FileNotFoundError:
-        return None, "missing: file not found"
+        return None, "missing: file not found", None
     except ImageDecodeError as exc:
-        return None, f"undecodable: {exc}"
+        return None, f"undecodable: {exc}", None
     except OSError as exc:
-        return None, f"unreadable: {exc}"
+        return None, f"unreadable: {exc}", None
+
+
+STAT_FIELDS = ("short_side", "aspect", "mean", "std")
+STAT_QUANTILES = {"min": 0.0, "p0.1": 0.001, "p1": 0.01, "median": 0.5, "p99": 0.99, "p99.9": 0.999, "max": 1.0}
+
+
+def image_statistics(original_shape: tuple[int, int], image: np.ndarray) -> list[float]:
+    """[shorter side, width/height of the decoded file; mean, std of the 8-bit image as packed]."""
+    height, width = original_shape
+    return [float(min(height, width)), round(width / height, 4), round(float(image.mean()), 3), round(float(image.std()), 3)]
+
+
+def summarize_statistics(rows: list[list[float]]) -> dict | None:
+    """Quantiles of each field of `image_statistics` over one split (None when none were recorded)."""
+    if not rows:
+        return None
+    table = np.asarray(rows, dtype=np.float64)
+    summary: dict = {"images": len(rows)}
+    for j, name in enumerate(STAT_FIELDS):
+        values = np.quantile(table[:, j], list(STAT_QUANTILES.values()))
+        summary[name] = {q: round(float(v), 4) for q, v in zip(STAT_QUANTILES, values)}
+    return summary
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -203,11 +225,11 @@ def _write_shard(out: Path, plan: ShardPlan, encoded: Iterator[tuple[bytes | Non
     """Write one shard to a temp name, rename it, then record it. Returns the record."""
     final = out / plan.name
     temp = out / f".{plan.name}.tmp"
-    metas, errors = [], []
+    metas, errors, stats = [], [], []
     with open(temp, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for row in plan.rows:
-                data, error = next(encoded)
+                data, error, image_stats = next(encoded)
                 tick()
                 if error is not None:
                     errors.append({"image": row["meta"]["image"], "path": row["path"], "split": plan.split, "reason": error})
@@ -215,6 +237,7 @@ def _write_shard(out: Path, plan: ShardPlan, encoded: Iterator[tuple[bytes | Non
                 _tar_add(tar, f"{row['key']}.json", dumps_json(row["meta"], sort_keys=True).encode())
                 _tar_add(tar, f"{row['key']}.{fmt}", data)
                 metas.append(row["meta"])
+                stats.append(image_stats)
         f.flush()
         os.fsync(f.fileno())
     os.replace(temp, final)
@@ -227,6 +250,7 @@ def _write_shard(out: Path, plan: ShardPlan, encoded: Iterator[tuple[bytes | Non
         "patients": sorted({m["patient_id"] for m in metas}),
         "positives": _positives(metas),
         "errors": errors,
+        "image_stats": stats,
     }
     atomic_write_json(out / STATE_DIR / f"{plan.name}.json", record)
     return record
@@ -328,6 +352,14 @@ def unscorable_splits(manifest: dict) -> dict[str, dict[str, str]]:
     return found
 
 
+def _split_statistics(records: list[dict], split: str) -> dict | None:
+    """None when a shard of the split was packed before statistics were recorded (a resumed old pack)."""
+    mine = [r for r in records if r["split"] == split]
+    if any("image_stats" not in r for r in mine):
+        return None
+    return summarize_statistics([row for r in mine for row in r["image_stats"]])
+
+
 def _build_manifest(release: NihRelease, settings: PackSettings, source_sha: str, records: list[dict], errors: list[dict]) -> dict:
     splits = {}
     for name in SPLITS:
@@ -352,6 +384,7 @@ def _build_manifest(release: NihRelease, settings: PackSettings, source_sha: str
             "format": settings.format,
             "quality": settings.quality if settings.format == "jpg" else None,
             "mode": "L",
+            "stats": {name: _split_statistics(records, name) for name in SPLITS},
         },
         "split": {
             "method": settings.split,

@@ -62,27 +62,29 @@ def train_shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def eval_shards(tmp_path_factory) -> Path:
-    """Synthetic shards with a validation split large enough to tune thresholds on (20% of train_val)."""
+    """Synthetic shards with a validation split large enough to tune thresholds on (20% of train_val).
+    160 px files (boxes in `eval_shards.parent / "nih" / "BBox_List_2017.csv"`) packed at 144, so the
+    model below sees 128 px crops and its last block is a 4x4 grid that Grad-CAM can point with."""
     from chexdist.pack import PackSettings, pack_dataset
     from chexdist.synth import make_synthetic_nih
 
     root = tmp_path_factory.mktemp("eval-data")
-    make_synthetic_nih(root / "nih", images=600, size=64, seed=1)
-    settings = PackSettings(split="official", size=64, shard_size=50, val_fraction=0.2)
+    make_synthetic_nih(root / "nih", images=1200, size=160, seed=1)
+    settings = PackSettings(split="official", size=144, shard_size=100, val_fraction=0.2)
     pack_dataset(root / "nih", root / "shards", settings, workers=1, progress=False)
     return root / "shards"
 
 
 @pytest.fixture(scope="session")
 def trained_run(eval_shards, tmp_path_factory) -> Path:
-    """ONE tiny model trained (tiny recipe, 3 epochs, a real `python -m chexdist.train` process) and
+    """ONE tiny model trained (tiny recipe, 4 epochs, 128 px crops, a real `python -m chexdist.train` process) and
     shared by the evaluation, prediction and Grad-CAM tests. Treat it as read-only: copy it to change it."""
     import subprocess
     import sys
 
     out = tmp_path_factory.mktemp("trained") / "run"
     cmd = [sys.executable, "-m", "chexdist.train", "--recipe", "tiny", "--shards", str(eval_shards), "--out", str(out),
-           "--no-progress", "--set", "train.epochs=3"]
+           "--no-progress", "--set", "train.epochs=4", "--set", "data.image_size=128", "--set", "data.eval_resize=144"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     if done.returncode != 0:
