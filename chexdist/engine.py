@@ -124,9 +124,13 @@ class StopFlag:
         return self.signum != 0
 
     def __enter__(self) -> StopFlag:
+        from chexdist.launcher import held_stop_signals
+
         if _in_main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            for signum in held_stop_signals():  # arrived while train.py was starting
+                self._handle(signum, None)
         return self
 
     def _handle(self, signum, frame) -> None:
