@@ -161,6 +161,7 @@ def test_accelerate_launch_errors_come_from_rank_0_only(train_shards, tmp_path):
     assert bad_key.returncode != 0
     errors = [line for line in bad_key.stderr.splitlines() if line.startswith("chexdist:")]
     assert len(errors) == 1 and errors[0].startswith("chexdist: error: config key 'loss.name': 'hinge'"), bad_key.stderr[-3000:]
+    assert "defaults used instead" not in bad_key.stderr  # the README's flags leave nothing to defaults
 
     no_shards = run([*base, "--shards", str(tmp_path / "none")], env=env, timeout=300)  # found by rank 0's preflight in fit
     assert no_shards.returncode != 0
