@@ -1,5 +1,6 @@
 """`chexdist` subcommands: thin wrappers over the library. The only place that turns errors into
-one-line messages and exit codes (2: bad input or configuration, 1: a check found problems)."""
+one-line messages and exit codes (2: bad input or configuration, 1: a check found problems, 75: stopped
+by SIGTERM/SIGUSR1 after saving a checkpoint, 130: Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from chexdist import __version__
-from chexdist.errors import ChexdistError
+from chexdist.errors import EXIT_INTERRUPTED, ChexdistError
 
 
 def _default_workers() -> int:
@@ -252,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("chexdist: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # output piped into `head` and closed early
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
