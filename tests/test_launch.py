@@ -168,3 +168,27 @@ def test_accelerate_launch_errors_come_from_rank_0_only(train_shards, tmp_path):
     errors = [line for line in no_shards.stderr.splitlines() if line.startswith("chexdist:")]
     assert len(errors) == 1 and errors[0].startswith("chexdist: error: ") and "no manifest" in errors[0], no_shards.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_launcher_env_and_first_failing_exit_code(monkeypatch, tmp_path, capsys):
+    """The worker environment Accelerate reads, and exit codes: a rank's 2 passes through and a rank
+    still running GRACE_S later is killed and named in one line."""
+    from chexdist import launcher
+
+    monkeypatch.setattr(launcher, "GRACE_S", 1.0)
+    script = (f"import json, os, sys, time\n"
+              f"keys = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'ACCELERATE_USE_CPU')\n"
+              f"open(os.path.join({str(tmp_path)!r}, os.environ['RANK']), 'w').write(json.dumps({{k: os.environ.get(k) for k in keys}}))\n"
+              f"sys.exit(2) if os.environ['RANK'] == '1' else time.sleep(120)\n")
+    assert launcher.run_workers([sys.executable, "-c", script], 2, cpu=True) == 2
+    envs = [json.loads((tmp_path / str(rank)).read_text()) for rank in range(2)]
+    for rank, env in enumerate(envs):
+        assert env == {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": envs[0]["MASTER_PORT"], "ACCELERATE_USE_CPU": "1"}
+    assert capsys.readouterr().err.splitlines() == ["chexdist: rank 1 exited with exit code 2; killed rank(s) 0 still running 1 s later"]
+
+    killed = "import os, signal, time\nos.kill(os.getpid(), signal.SIGKILL) if os.environ['RANK'] == '0' else time.sleep(0.5)\n"
+    assert launcher.run_workers([sys.executable, "-c", killed], 2, cpu=True) == 128 + signal.SIGKILL
+    assert capsys.readouterr().err.splitlines() == ["chexdist: rank 0 was killed by SIGKILL"]
+
