@@ -1,5 +1,6 @@
 """`chexdist` subcommands: thin wrappers over the library. The only place that turns errors into
-one-line messages and exit codes (2: bad input or configuration, 1: a check found problems)."""
+one-line messages and exit codes (2: bad input or configuration, 1: a check found problems, 75: stopped
+by SIGTERM/SIGUSR1 after saving a checkpoint, 130: Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from chexdist import __version__
-from chexdist.errors import ChexdistError
+from chexdist.errors import EXIT_INTERRUPTED, ChexdistError
 
 DESCRIPTION = (
     "chexdist trains and evaluates multi-label chest X-ray classifiers (the 14 NIH ChestX-ray14 findings): "
@@ -121,20 +122,21 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
 def run_training(args: argparse.Namespace) -> int:
     """Train here (1 process) or in N local worker processes (`chexdist.launcher`), after the same
     `preflight` that `fit` runs, so bad input is refused once, before any worker starts."""
-    from chexdist.engine import preflight
-    from chexdist.train import resolve_config, training_function
-
     if args.nproc < 1:
         raise ChexdistError(f"--nproc must be >= 1, got {args.nproc}")
-    config = resolve_config(args)
-    if args.nproc == 1:
-        return training_function(config, args)
-    preflight(config, args.out, args.resume)
-    import torch
+    from chexdist.launcher import hold_stop_signals, run_workers
 
-    from chexdist.launcher import run_workers
+    with hold_stop_signals():  # a stop signal during the imports and checks still ends in a checkpoint
+        import torch
 
-    return run_workers([sys.executable, "-m", "chexdist.train", *_train_argv(args)], args.nproc, cpu=not torch.cuda.is_available())
+        from chexdist.engine import preflight
+        from chexdist.train import resolve_config, training_function
+
+        config = resolve_config(args)
+        if args.nproc == 1:
+            return training_function(config, args)
+        preflight(config, args.out, args.resume)
+        return run_workers([sys.executable, "-m", "chexdist.train", *_train_argv(args)], args.nproc, cpu=not torch.cuda.is_available())
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -473,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("chexdist: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # output piped into `head` and closed early
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -21,8 +21,8 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -147,9 +147,13 @@ class StopFlag:
         return self.signum != 0
 
     def __enter__(self) -> StopFlag:
+        from chexdist.launcher import held_stop_signals
+
         if _in_main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            for signum in held_stop_signals():  # arrived while train.py was starting
+                self._handle(signum, None)
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -217,6 +221,11 @@ class Checkpointer:
         acc.wait_for_everyone()
         return final
 
+    @classmethod
+    def check_complete(cls, path: Path) -> None:
+        if not (path / cls.STATE_FILE).is_file():
+            raise ChexdistError(f"{path}: not a complete chexdist checkpoint (no {cls.STATE_FILE})")
+
     def load(self, path: Path, seed: int) -> None:
         """Restore `path` into a run whose state holds the current shape (SHAPE_KEYS).
 
@@ -226,10 +235,8 @@ class Checkpointer:
         (seed, epoch, rank) and that is said in one line, instead of Accelerate's silent skip.
         """
         acc = self.accelerator
-        state_file = path / self.STATE_FILE
-        if not state_file.is_file():
-            raise ChexdistError(f"{path}: not a complete chexdist checkpoint (no {self.STATE_FILE})")
-        saved = torch.load(state_file, map_location="cpu", weights_only=True)
+        self.check_complete(path)
+        saved = torch.load(path / self.STATE_FILE, map_location="cpu", weights_only=True)
         now = {k: getattr(self.state, k) for k in SHAPE_KEYS}
         was = {k: saved["train_state"].get(k, 0) for k in SHAPE_KEYS}
         changed = {k: (was[k], now[k]) for k in SHAPE_KEYS if was[k] and was[k] != now[k]}
@@ -287,8 +294,7 @@ def _resolve_resume(out: Path, resume: bool | str | None) -> Path | None:
     path = Path(resume)
     if not path.is_dir():
         raise ChexdistError(f"--resume {path}: not a checkpoint folder")
-    if not (path / Checkpointer.STATE_FILE).is_file():
-        raise ChexdistError(f"{path}: not a complete chexdist checkpoint (no {Checkpointer.STATE_FILE})")
+    Checkpointer.check_complete(path)
     return path
 
 
