@@ -177,7 +177,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         options = dict(images=args.images, count=args.count or 1024, workers=args.workers, batch_size=args.batch_size or 32,
                        repeats=args.repeats or 2, formats=tuple(args.formats.split(",")))
     elif args.suite == "pack":
-        options = dict(images=args.images, count=args.count or 64, workers=args.workers, size=args.size, fmt=args.formats.split(",")[0])
+        options = dict(images=args.images, count=args.count or 64, workers=args.workers, size=args.size, fmt=args.formats.split(",")[0],
+                       repeats=args.repeats or 3)
     else:
         options = dict(model=args.model, image_size=args.image_size, batch_size=args.batch_size or 16, steps=args.steps,
                        precision=args.precision, repeats=args.repeats or 6)
@@ -238,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=0, help="images to use (loader 1024, pack 64)")
     p.add_argument("--workers", type=int, default=2, help="loader: DataLoader workers; pack: processes vs 1")
     p.add_argument("--batch-size", type=int, default=0, help="loader 32, train 16")
-    p.add_argument("--repeats", type=int, default=0, help="timed repeats (loader 2, train 6)")
+    p.add_argument("--repeats", type=int, default=0, help="timed repeats (loader 2, pack 3, train 6)")
     p.add_argument("--formats", default="png,jpg", help="loader: shard formats; pack: the first one")
     p.add_argument("--size", type=int, default=512, help="pack: shorter side of packed images")
     p.add_argument("--model", default="resnet18", help="train: model name")

@@ -31,8 +31,8 @@ class Predictions:
         return torch.sigmoid(self.logits).numpy()
 
 
-def predict_split(model, accelerator, shards: str, split: str, config: Config, manifest: dict) -> Predictions:
-    """Run the model over one split on every rank and gather: each readable sample exactly once."""
+def split_loader(accelerator, shards: str, split: str, config: Config, manifest: dict, persistent_workers: bool = False):
+    """This rank's eval loader of `split` (the eval transform; uint8 batches normalized on the device)."""
     transform = build_transform(
         config.aug.preset, image_size=config.data.image_size, eval_resize=config.data.eval_resize, train=False
     )
@@ -47,7 +47,17 @@ def predict_split(model, accelerator, shards: str, split: str, config: Config, m
         manifest=manifest,
         pin_memory=accelerator.device.type == "cuda",
         normalize_in_loader=False,
+        persistent_workers=persistent_workers,
     )
+    return loader
+
+
+def predict_split(model, accelerator, shards: str, split: str, config: Config, manifest: dict, loader=None) -> Predictions:
+    """Run the model over one split on every rank and gather: each readable sample exactly once.
+
+    `loader` (from :func:`split_loader`) lets a caller that scores the split every epoch keep its workers."""
+    loader = loader if loader is not None else split_loader(accelerator, shards, split, config, manifest)
+    skipped_before = loader.skipped
     parts: dict[str, list[torch.Tensor]] = {"logits": [], "targets": [], "valid": [], "index": [], "patient_id": []}
     model.eval()
     with torch.no_grad():
@@ -62,7 +72,7 @@ def predict_split(model, accelerator, shards: str, split: str, config: Config, m
             parts["patient_id"].append(batch.patient_id.to(accelerator.device))
     local = {k: torch.cat(v) for k, v in parts.items()}
     gathered = {k: accelerator.gather(v).cpu() for k, v in local.items()}
-    skipped = int(accelerator.reduce(torch.tensor(loader.skipped, device=accelerator.device), "sum").item())
+    skipped = int(accelerator.reduce(torch.tensor(loader.skipped - skipped_before, device=accelerator.device), "sum").item())
     keep = gathered["valid"].bool()
     order = torch.argsort(gathered["index"][keep])
     return Predictions(
