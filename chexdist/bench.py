@@ -26,8 +26,8 @@ from chexdist.data import build_train_loader, decode_gray
 from chexdist.errors import ChexdistError
 from chexdist.labels import NUM_LABELS
 from chexdist.nih import IMAGE_SUFFIXES
-from chexdist.shardformat import iter_tar, load_manifest, shard_urls
-from chexdist.transforms import build_transform
+from chexdist.shardformat import IMAGE_KEYS, iter_tar, load_manifest, shard_urls
+from chexdist.transforms import build_transform, split_normalization
 
 _CSV_HEADER = [
     "Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
@@ -91,6 +91,41 @@ class FolderDataset(Dataset):
         return self.transform(image), torch.zeros(NUM_LABELS)
 
 
+def _folder_loader(paths: list[Path], per_image, normalize, batch_size: int, workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-file baseline with the engine's batching: uint8 batches from the workers, normalized by the consumer."""
+    loader = DataLoader(FolderDataset(paths, per_image), batch_size=batch_size, shuffle=True, num_workers=workers,
+                        worker_init_fn=_one_thread if workers else None)
+    for images, labels in loader:
+        yield normalize(images), labels
+
+
+def _one_thread(worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _write_shard_images(shard_dir: Path, folder: Path) -> list[Path]:
+    """The shards' own image bytes as one file each (same pixels, codec and size as the stream reads)."""
+    folder.mkdir()
+    paths = []
+    for url in shard_urls(shard_dir, "train"):
+        for sample in iter_tar(url):
+            ext = next(k for k in IMAGE_KEYS if k in sample)
+            path = folder / f"{sample['__key__']}.{ext}"
+            path.write_bytes(sample[ext])
+            paths.append(path)
+    return paths
+
+
+def _shorter_sides(paths: list[Path]) -> list[int]:
+    from PIL import Image
+
+    sides = set()
+    for path in paths:
+        with Image.open(path) as im:
+            sides.add(min(im.size))
+    return sorted(sides)
+
+
 @dataclass
 class Timing:
     images: int
@@ -134,7 +169,7 @@ def _as_engine_consumes(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 def _decode_only(shard_dir: Path, transform: Callable[[torch.Tensor], torch.Tensor]) -> Timing:
     """Bare decode + transform of the shard images on one thread, bytes already in memory."""
     blobs = [
-        next(sample[k] for k in ("png", "jpg", "jpeg") if k in sample)
+        next(sample[k] for k in IMAGE_KEYS if k in sample)
         for url in shard_urls(shard_dir, "train")
         for sample in iter_tar(url)
     ]
@@ -168,17 +203,24 @@ def loader_suite(
     repeats: int = 2,
     work_dir: str | os.PathLike | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Shard stream vs per-file PNG folder: same images, eval transform, workers and batch size.
+    """Shard stream vs per-file folders: same images, eval transform, workers, batch size and batching.
 
-    Packs `count` images from `images` (cycled if fewer) into `size`-px shards per format. Each
-    measurement runs `repeats` times, interleaved, best kept, worker start-up included:
-    ours = build_train_loader with `workers`; baseline = Dataset + DataLoader over the original files
-    (same decoder and transform). *_img_s is wall-clock throughput; *_cpu_ms is CPU time per image of
-    the process and its workers, which a busy machine does not distort (cpu_ratio = per-core
-    speed-up). decode_only = bare decode + transform of the shard bytes in memory on one thread;
-    stream_1proc = ours without workers on one thread; stream_overhead = their CPU-time ratio - 1,
-    the cost of tar reading, shuffling and collation. Ours is what the engine consumes: uint8 batches
-    from the workers, normalized by the consuming process (on a GPU that step runs on the device).
+    Packs `count` images from `images` (cycled if fewer) into `size`-px shards per format, and yields
+    two lines per format (`comparison`):
+
+    - "packed (pre-resized) vs raw files": the stream vs the original files (e.g. 1024-px PNGs); this
+      measures pre-resizing (and for JPEG the codec) as much as streaming.
+    - "stream vs same-resolution files": the stream vs the shards' own image bytes written as one file
+      each (512-px PNG, or JPEG for the jpg shards): only the streaming differs. This line also holds
+      decode_only (bare decode + transform of the shard bytes in memory, one thread), stream_1proc
+      (ours without workers, one thread), stream_overhead (their CPU-time ratio - 1: tar reading,
+      shuffling, collation) and pipeline_overhead (the whole `workers` pipeline's CPU time over bare
+      decode - 1: also worker start-up, IPC and the consumer's normalization).
+
+    Every loader ships uint8 batches that the consuming process normalizes, as the engine does.
+    Each measurement runs `repeats` times, interleaved, best kept, worker start-up included.
+    *_img_s is wall-clock throughput; *_cpu_ms is CPU time per image of the process and its workers,
+    which a busy machine does not distort (cpu_ratio = per-core speed-up).
     """
     from chexdist.pack import PackSettings, pack_dataset
 
@@ -186,11 +228,13 @@ def loader_suite(
         raise ChexdistError("--count, --batch-size and --repeats must be >= 1 and --workers >= 0")
     files = find_images(images)
     transform = build_transform("none", image_size=image_size, eval_resize=eval_resize, train=False)
+    per_image, normalize = split_normalization(transform)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="chexdist-bench-", dir=work_dir) as tmp:
         root = Path(tmp) / "nih"
         paths = make_nih_root(files, count, root)
+        raw_px = _shorter_sides(paths)
         try:
             for fmt in formats:
                 shards = Path(tmp) / f"shards-{fmt}"
@@ -198,43 +242,55 @@ def loader_suite(
                                         quality=quality, shard_size=shard_size)
                 pack_dataset(root, shards, settings, workers=max(1, workers), progress=False)
                 manifest = load_manifest(shards)
-                ours, single, baseline, bare = [], [], [], []
+                same_res = _write_shard_images(shards, Path(tmp) / f"files-{fmt}")
+                ours, single, raw, files_same, bare = [], [], [], [], []
                 for _ in range(repeats):
                     ours.append(_timed(lambda: _as_engine_consumes(build_train_loader(
                         shards, batch_size, transform, workers, 1, 0, seed=0, epoch=0, manifest=manifest,
                         normalize_in_loader=False)[0])))
-                    baseline.append(_timed(lambda: DataLoader(
-                        FolderDataset(paths, transform), batch_size=batch_size, shuffle=True, num_workers=workers)))
+                    raw.append(_timed(lambda: _folder_loader(paths, per_image, normalize, batch_size, workers)))
+                    files_same.append(_timed(lambda: _folder_loader(same_res, per_image, normalize, batch_size, workers)))
                     single.append(_timed(lambda: _as_engine_consumes(build_train_loader(
                         shards, batch_size, transform, 0, 1, 0, seed=0, epoch=0, manifest=manifest,
                         normalize_in_loader=False)[0])))
                     bare.append(_decode_only(shards, transform))
-                ours_img_s, baseline_img_s = _best(ours).img_s, _best(baseline).img_s
-                ours_cpu, baseline_cpu = _best_cpu(ours), _best_cpu(baseline)
-                single_cpu, bare_cpu = _best_cpu(single), _best_cpu(bare)
-                yield {
-                    "bench": "loader",
-                    "format": fmt,
-                    "ours_img_s": round(ours_img_s, 1),
-                    "baseline_img_s": round(baseline_img_s, 1),
-                    "ratio": round(ours_img_s / baseline_img_s, 2),
-                    "workers": workers,
-                    "images": count,
-                    "batch_size": batch_size,
-                    "ours_cpu_ms": round(ours_cpu, 3),
-                    "baseline_cpu_ms": round(baseline_cpu, 3),
-                    "cpu_ratio": round(baseline_cpu / ours_cpu, 2),
-                    "decode_only_img_s": round(_best(bare).img_s, 1),
-                    "decode_only_cpu_ms": round(bare_cpu, 3),
-                    "stream_1proc_img_s": round(_best(single).img_s, 1),
-                    "stream_1proc_cpu_ms": round(single_cpu, 3),
-                    "stream_overhead": round(single_cpu / bare_cpu - 1, 3),
-                    "shard_px": size,
-                    "shard_bytes": sum(s["bytes"] for s in manifest["splits"]["train"]["shards"]),
-                    "cpus": os.cpu_count(),
+                common = {
+                    "bench": "loader", "format": fmt, "workers": workers, "images": count, "batch_size": batch_size,
+                    "ours_px": size, "image_size": image_size,
+                    "shard_bytes": sum(s["bytes"] for s in manifest["splits"]["train"]["shards"]), "cpus": os.cpu_count(),
                 }
+                for comparison, baseline, baseline_px, baseline_format in (
+                    ("packed (pre-resized) vs raw files", raw, raw_px, sorted({p.suffix.lstrip(".") for p in paths})),
+                    ("stream vs same-resolution files", files_same, _shorter_sides(same_res), [fmt]),
+                ):
+                    result = {**common, "comparison": comparison, **_compare(ours, baseline),
+                              "baseline_px": baseline_px, "baseline_format": baseline_format}
+                    if baseline is files_same:
+                        single_cpu, bare_cpu = _best_cpu(single), _best_cpu(bare)
+                        result.update({
+                            "decode_only_img_s": round(_best(bare).img_s, 1),
+                            "decode_only_cpu_ms": round(bare_cpu, 3),
+                            "stream_1proc_img_s": round(_best(single).img_s, 1),
+                            "stream_1proc_cpu_ms": round(single_cpu, 3),
+                            "stream_overhead": round(single_cpu / bare_cpu - 1, 3),
+                            "pipeline_overhead": round(_best_cpu(ours) / bare_cpu - 1, 3),
+                        })
+                    yield result
         finally:
             torch.set_num_threads(threads)
+
+
+def _compare(ours: list[Timing], baseline: list[Timing]) -> dict[str, float]:
+    ours_img_s, baseline_img_s = _best(ours).img_s, _best(baseline).img_s
+    ours_cpu, baseline_cpu = _best_cpu(ours), _best_cpu(baseline)
+    return {
+        "ours_img_s": round(ours_img_s, 1),
+        "baseline_img_s": round(baseline_img_s, 1),
+        "ratio": round(ours_img_s / baseline_img_s, 2),
+        "ours_cpu_ms": round(ours_cpu, 3),
+        "baseline_cpu_ms": round(baseline_cpu, 3),
+        "cpu_ratio": round(baseline_cpu / ours_cpu, 2),
+    }
 
 
 def pack_suite(images: str, count: int = 64, workers: int = 2, size: int = 512, fmt: str = "png", repeats: int = 3,

@@ -83,11 +83,8 @@ class LoaderStats:
     def add(self, slot: int, n: int = 1) -> None:
         self.counts[slot] += n
 
-    def reader(self, slot: int) -> Callable[[int], None]:
-        def count(n: int) -> None:
-            self.bytes[slot] += n
-
-        return count
+    def add_bytes(self, slot: int, n: int) -> None:
+        self.bytes[slot] += n
 
 
 def _report_skip(what: str, reason: BaseException | str) -> None:
@@ -134,18 +131,19 @@ def _shards(shard_dir: str | os.PathLike, records: list[dict]) -> _Shards:
 
 def _read_segments(shards: _Shards, segments: Iterable[tuple[int, int, int]], stats: LoaderStats, slot: int) -> Iterator[dict | None]:
     """Exactly `take` items per (shard, skip, take) segment: a sample, or None for each one lost."""
-    count = stats.reader(slot)
     for shard, skip, take in segments:
-        got = 0
+        got, read = 0, [0]
         url = shards.urls[shard]
         try:
-            for sample in iter_tar(url, skip, take, offsets=shards.index(shard) if skip else None, on_read=count):
+            for sample in iter_tar(url, skip, take, offsets=shards.index(shard) if skip else None, on_read=read.append):
                 got += 1
                 yield sample
         except Exception as exc:
             reason: BaseException | str = exc
         else:
             reason = "shard ended early (cut or corrupt tar, or fewer samples than its manifest record)"
+        finally:
+            stats.add_bytes(slot, sum(read))
         if got < take:
             lost = take - got
             stats.add(slot, lost)
