@@ -343,6 +343,107 @@ def pack_suite(images: str, count: int = 64, workers: int = 2, size: int = 512, 
     }
 
 
+def _pack_real(images: str | os.PathLike, count: int, root: Path, settings) -> Path:
+    from chexdist.pack import pack_dataset
+
+    make_nih_root(find_images(images), count, root / "nih")
+    pack_dataset(root / "nih", root / "shards", settings, workers=2, progress=False)
+    return root / "shards"
+
+
+def resume_suite(images: str | os.PathLike, count: int = 512, workers: int = 2, batch_size: int = 32, size: int = 512,
+                 fractions: tuple[float, ...] = (0.1, 0.9), repeats: int = 2, **_: Any) -> Iterator[dict[str, Any]]:
+    """Restart-to-first-batch of a train loader resumed at `fractions` of an epoch: before (the loader
+    starts at batch 0 and the first k batches are decoded and discarded, as the engine did) vs after
+    (`start_batch=k`: the readers start at the first sample batch k needs and decode nothing they skip).
+
+    The first batch is the one the resumed run's first optimizer step uses; both loaders yield the
+    same batch (checked). Train augmentation ("dannynet", 224 px) on `count` real images packed at
+    `size` px. Best of `repeats`; CPU time is that of the process and its workers.
+    """
+    from chexdist.pack import PackSettings
+
+    transform = build_transform("dannynet", image_size=224, train=True)
+    with tempfile.TemporaryDirectory(prefix="chexdist-bench-resume-") as tmp:
+        shards = _pack_real(images, count, Path(tmp), PackSettings(split="random", fractions=(1.0, 0.0, 0.0), size=size))
+        num_batches = build_train_loader(shards, batch_size, transform, workers, 1, 0, seed=0, epoch=0)[1]
+        for fraction in fractions:
+            k = min(num_batches - 1, int(fraction * num_batches))
+            times: dict[str, list[Timing]] = {"skip": [], "start": []}
+            first: dict[str, torch.Tensor] = {}
+            for _ in range(repeats):
+                for how in ("skip", "start"):
+                    cpu, wall = _cpu_seconds(), time.perf_counter()
+                    loader, _ = build_train_loader(shards, batch_size, transform, workers, 1, 0, seed=0, epoch=0,
+                                                   start_batch=k if how == "start" else 0, normalize_in_loader=False)
+                    batches = iter(loader)
+                    for _ in range(0 if how == "start" else k):
+                        next(batches)
+                    first[how] = next(batches)[0]
+                    seconds = time.perf_counter() - wall
+                    del batches, loader  # joins the workers, so their CPU time is counted
+                    times[how].append(Timing(1, seconds, _cpu_seconds() - cpu))
+            if not torch.equal(first["skip"], first["start"]):
+                raise ChexdistError("resume bench: start_batch gave another batch than skipping; the loader is broken")
+            before, after = _best(times["skip"]), _best(times["start"])
+            yield {
+                "bench": "resume",
+                "fraction": fraction,
+                "start_batch": k,
+                "num_batches": num_batches,
+                "batch_size": batch_size,
+                "workers": workers,
+                "before_s": round(before.wall_s, 3),
+                "after_s": round(after.wall_s, 3),
+                "speedup": round(before.wall_s / after.wall_s, 2),
+                "before_cpu_s": round(min(t.cpu_s for t in times["skip"]), 3),
+                "after_cpu_s": round(min(t.cpu_s for t in times["start"]), 3),
+                "shard_px": size,
+                "cpus": os.cpu_count(),
+            }
+
+
+def reads_suite(ranks: int = 8, workers: int = 8, shards: int = 80, count: int = 1600, batch_size: int = 4,
+                **_: Any) -> Iterator[dict[str, Any]]:
+    """Shard bytes read in one training epoch by `ranks` x `workers` readers, against the dataset's size.
+
+    Synthetic 32-px images packed into `shards` train shards (the bytes read, not the pixels, are
+    measured). Every rank's loader runs in this process one after another, with its real worker
+    processes. "local": a shard folder (readers seek to their first sample with the offset index);
+    "stream": the same shards through `pipe:cat` (readers read each shard from its start, as with
+    object stores). read_ratio = bytes read / bytes of the train shards (1.0 = each byte once).
+    """
+    from chexdist.pack import PackSettings, pack_dataset
+    from chexdist.synth import make_synthetic_nih
+
+    transform = build_transform("none", image_size=8, eval_resize=8, train=False)
+    with tempfile.TemporaryDirectory(prefix="chexdist-bench-reads-") as tmp:
+        make_synthetic_nih(Path(tmp) / "nih", images=count, size=32, seed=0)
+        out = Path(tmp) / "shards"
+        settings = PackSettings(split="random", fractions=(1.0, 0.0, 0.0), size=0, shard_size=max(1, -(-count // shards)))
+        manifest = pack_dataset(Path(tmp) / "nih", out, settings, workers=2, progress=False)
+        train = manifest["splits"]["train"]
+        dataset_bytes = sum(s["bytes"] for s in train["shards"])
+        for name, where in (("local", str(out)), ("stream", f"pipe:cat {out}/{{name}}")):
+            read = 0
+            for rank in range(ranks):
+                loader, _ = build_train_loader(where, batch_size, transform, workers, ranks, rank, seed=0, epoch=0, manifest=manifest)
+                for _ in loader:
+                    pass
+                read += loader.bytes_read
+            yield {
+                "bench": "reads",
+                "source": name,
+                "ranks": ranks,
+                "workers": workers,
+                "shards": len(train["shards"]),
+                "images": train["samples"],
+                "dataset_bytes": dataset_bytes,
+                "bytes_read": read,
+                "read_ratio": round(read / dataset_bytes, 3),
+            }
+
+
 def train_suite(model: str = "resnet18", image_size: int = 128, batch_size: int = 16, steps: int = 20,
                 precision: str = "no", repeats: int = 6, **_: Any) -> Iterator[dict[str, Any]]:
     """`engine.train_epoch` vs a bare PyTorch loop: same model init, batches, optimizer, loss and
@@ -432,7 +533,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-SUITES: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {"loader": loader_suite, "pack": pack_suite, "train": train_suite}
+SUITES: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {
+    "loader": loader_suite, "pack": pack_suite, "train": train_suite, "resume": resume_suite, "reads": reads_suite,
+}
 
 
 def run_suite(name: str, out=sys.stdout, **options: Any) -> list[dict[str, Any]]:
