@@ -15,7 +15,8 @@ from chexdist.errors import ChexdistError
 
 COMMON = {"bench", "format", "workers", "images", "batch_size", "ours_px", "image_size", "shard_bytes", "cpus", "comparison",
           "ours_img_s", "baseline_img_s", "ratio", "ours_cpu_ms", "baseline_cpu_ms", "cpu_ratio", "baseline_px", "baseline_format"}
-STREAM = {"decode_only_img_s", "decode_only_cpu_ms", "stream_1proc_img_s", "stream_1proc_cpu_ms", "stream_overhead", "pipeline_overhead"}
+STREAM = {"decode_only_img_s", "decode_only_cpu_ms", "stream_1proc_img_s", "stream_1proc_cpu_ms", "stream_overhead", "pipeline_overhead",
+          "ours_steady_cpu_ms", "baseline_steady_cpu_ms", "pipeline_overhead_steady"}
 POSITIVE = {"ours_img_s", "baseline_img_s", "ratio", "ours_cpu_ms", "baseline_cpu_ms", "cpu_ratio", "shard_bytes"}
 
 
@@ -41,6 +42,7 @@ def test_loader_bench_prints_two_comparisons_per_format(tmp_path):
         assert r["baseline_format"] == ([r["format"]] if same_res else ["png"])
         if same_res:
             assert r["stream_overhead"] > -1 and r["pipeline_overhead"] > -1 and r["decode_only_cpu_ms"] > 0
+            assert r["ours_steady_cpu_ms"] > 0 and r["baseline_steady_cpu_ms"] > 0
     assert list(tmp_path.iterdir()) == [images]
 
 
