@@ -14,6 +14,7 @@ import resource
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -491,8 +492,10 @@ def reads_suite(ranks: int = 8, workers: int = 8, shards: int = 80, count: int =
             read = 0
             for rank in range(ranks):
                 loader, _ = build_train_loader(where, batch_size, transform, workers, ranks, rank, seed=0, epoch=0, manifest=manifest)
-                for _ in loader:
-                    pass
+                with warnings.catch_warnings():  # more workers than cores is the point here
+                    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+                    for _ in loader:
+                        pass
                 read += loader.bytes_read
             yield {
                 "bench": "reads",

@@ -19,7 +19,9 @@ Sample positions, not whole shards, are divided among ranks and workers, planned
 manifest counts: webdataset's split_by_node / split_by_worker split by shard, so they cannot give
 every rank the same number of samples, and DDP would then hang (a rank waits in a collective another
 rank never reaches) or drop data. Planning positions works with any number of shards, ranks and
-workers. Train: see :func:`build_train_loader`.
+workers. A local shard is opened at a reader's first sample (the manifest's per-shard `offsets`);
+each train batch is seeded on its own, so a loader can start at any batch without decoding the ones
+before it. Train: see :func:`build_train_loader`.
 Eval: see :func:`build_eval_loader` for the padding/mask contract.
 """
 
@@ -323,8 +325,8 @@ class TrainStream(IterableDataset):
         p, B = self.plan, self.plan.batch_size
         epoch, start_batch = (int(v) for v in self.position)
         workers = len(p.batches)
-        worker = (_worker_slot() + start_batch) % workers
         slot = _worker_slot()
+        worker = (slot + start_batch) % workers
         first = max(0, -(-(start_batch - worker) // workers))
         if first >= p.batches[worker]:
             return

@@ -361,6 +361,8 @@ def _verify_shard(args: tuple[str, dict, str, str]) -> dict:
         metas.append(meta)
     if len(groups) != entry["samples"]:
         problems.append(f"{name}: {len(groups)} samples, manifest says {entry['samples']}")
+    if "offsets" in entry and entry["offsets"] != sample_offsets(path):
+        problems.append(f"{name}: the manifest's sample offsets do not match the tar; re-pack this shard")
     return {
         "problems": problems,
         "patients": sorted({m["patient_id"] for m in metas}),
