@@ -450,6 +450,7 @@ class Counted(torch.nn.Module):
         return image
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # 3 workers on 2 cores on purpose
 @pytest.mark.parametrize("num_workers,world_size,rank", [(0, 1, 0), (2, 2, 1), (3, 1, 0)])
 def test_train_start_batch_equals_the_rest_of_an_uninterrupted_pass(uneven, num_workers, world_size, rank):
     root, _ = uneven
