@@ -13,6 +13,7 @@ import resource
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from chexdist.fileio import dumps_json
 from chexdist.labels import NUM_LABELS
 from chexdist.nih import DATA_ENTRY_COLUMNS as _CSV_HEADER, IMAGE_SUFFIXES
 from chexdist.shardformat import IMAGE_KEYS, iter_tar, load_manifest, shard_urls
-from chexdist.transforms import build_transform
+from chexdist.transforms import build_transform, split_normalization
 
 
 # ---------------------------------------------------------------- loader suite
@@ -86,6 +87,64 @@ class FolderDataset(Dataset):
         return self.transform(image), torch.zeros(NUM_LABELS)
 
 
+def _folder_loader(paths: list[Path], per_image, normalize, batch_size: int, workers: int, persistent: bool = False) -> DataLoader:
+    """Per-file baseline with the engine's batching: uint8 batches from the workers, normalized by the consumer."""
+    return DataLoader(FolderDataset(paths, per_image), batch_size=batch_size, shuffle=True, num_workers=workers,
+                      worker_init_fn=_one_thread if workers else None, persistent_workers=persistent and workers > 0)
+
+
+def _normalized(loader: Iterable[tuple[torch.Tensor, torch.Tensor]], normalize) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for images, labels in loader:
+        yield normalize(images), labels
+
+
+def _steady_folder(paths: list[Path], per_image, normalize, batch_size: int, workers: int) -> Timing:
+    loader = _folder_loader(paths, per_image, normalize, batch_size, workers, persistent=True)
+    timing = _timed_steady(lambda epoch: _normalized(loader, normalize))
+    del loader
+    return timing
+
+
+def _steady_stream(shards: Path, transform, batch_size: int, workers: int, manifest: dict) -> Timing:
+    loader, _ = build_train_loader(shards, batch_size, transform, workers, 1, 0, seed=0, epoch=0, manifest=manifest,
+                                   normalize_in_loader=False, persistent_workers=True)
+
+    def epoch(e: int):
+        loader.set_epoch(e)
+        return _as_engine_consumes(loader)
+
+    timing = _timed_steady(epoch)
+    del loader
+    return timing
+
+
+def _one_thread(worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _write_shard_images(shard_dir: Path, folder: Path) -> list[Path]:
+    """The shards' own image bytes as one file each (same pixels, codec and size as the stream reads)."""
+    folder.mkdir()
+    paths = []
+    for url in shard_urls(shard_dir, "train"):
+        for sample in iter_tar(url):
+            ext = next(k for k in IMAGE_KEYS if k in sample)
+            path = folder / f"{sample['__key__']}.{ext}"
+            path.write_bytes(sample[ext])
+            paths.append(path)
+    return paths
+
+
+def _shorter_sides(paths: list[Path]) -> list[int]:
+    from PIL import Image
+
+    sides = set()
+    for path in paths:
+        with Image.open(path) as im:
+            sides.add(min(im.size))
+    return sorted(sides)
+
+
 @dataclass
 class Timing:
     images: int
@@ -105,6 +164,39 @@ def _cpu_seconds() -> float:
     """CPU time of this process plus its finished children (DataLoader workers are joined at the end)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _own_cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
+
+
+def _live_children_cpu_seconds() -> float:
+    """CPU time of this process's running children (persistent DataLoader workers), from /proc (Linux)."""
+    me, tick, total = os.getpid(), os.sysconf("SC_CLK_TCK"), 0.0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _timed_steady(make: Callable[[int], Iterable[Any]]) -> Timing:
+    """The second pass of a loader with persistent workers (`make(epoch)` starts pass `epoch`): no
+    worker start-up, as in training after the first epoch. CPU time counts the live workers via /proc."""
+    for _ in make(0):
+        pass
+    cpu, wall = _own_cpu_seconds() + _live_children_cpu_seconds(), time.perf_counter()
+    images = 0
+    for batch in make(1):
+        images += len(batch[0])
+    return Timing(images, time.perf_counter() - wall, _own_cpu_seconds() + _live_children_cpu_seconds() - cpu)
 
 
 def _timed(make: Callable[[], Iterable[Any]]) -> Timing:
@@ -158,17 +250,26 @@ def loader_suite(
     repeats: int = 2,
     work_dir: str | os.PathLike | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Shard stream vs per-file PNG folder: same images, eval transform, workers and batch size.
+    """Shard stream vs per-file folders: same images, eval transform, workers, batch size and batching.
 
-    Packs `count` images from `images` (cycled if fewer) into `size`-px shards per format. Each
-    measurement runs `repeats` times, interleaved, best kept, worker start-up included:
-    ours = build_train_loader with `workers`; baseline = Dataset + DataLoader over the original files
-    (same decoder and transform). *_img_s is wall-clock throughput; *_cpu_ms is CPU time per image of
-    the process and its workers, which a busy machine does not distort (cpu_ratio = per-core
-    speed-up). decode_only = bare decode + transform of the shard bytes in memory on one thread;
-    stream_1proc = ours without workers on one thread; stream_overhead = their CPU-time ratio - 1,
-    the cost of tar reading, shuffling and collation. Ours is what the engine consumes: uint8 batches
-    from the workers, normalized by the consuming process (on a GPU that step runs on the device).
+    Packs `count` images from `images` (cycled if fewer) into `size`-px shards per format, and yields
+    two lines per format (`comparison`):
+
+    - "packed (pre-resized) vs raw files": the stream vs the original files (e.g. 1024-px PNGs); this
+      measures pre-resizing (and for JPEG the codec) as much as streaming.
+    - "stream vs same-resolution files": the stream vs the shards' own image bytes written as one file
+      each (512-px PNG, or JPEG for the jpg shards): only the streaming differs. This line also holds
+      decode_only (bare decode + transform of the shard bytes in memory, one thread), stream_1proc
+      (ours without workers, one thread), stream_overhead (their CPU-time ratio - 1: tar reading,
+      shuffling, collation) and pipeline_overhead (the whole `workers` pipeline's CPU time over bare
+      decode - 1: also worker start-up, IPC and the consumer's normalization). With workers (and
+      /proc), *_steady_cpu_ms and pipeline_overhead_steady measure a second pass with persistent
+      workers (no start-up), as every epoch after the first in training.
+
+    Every loader ships uint8 batches that the consuming process normalizes, as the engine does.
+    Each measurement runs `repeats` times, interleaved, best kept, worker start-up included.
+    *_img_s is wall-clock throughput; *_cpu_ms is CPU time per image of the process and its workers,
+    which a busy machine does not distort (cpu_ratio = per-core speed-up).
     """
     from chexdist.pack import PackSettings, pack_dataset
 
@@ -176,11 +277,14 @@ def loader_suite(
         raise ChexdistError("--count, --batch-size and --repeats must be >= 1 and --workers >= 0")
     files = find_images(images)
     transform = build_transform("none", image_size=image_size, eval_resize=eval_resize, train=False)
+    per_image, normalize = split_normalization(transform)
+    steady = os.path.isdir("/proc")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="chexdist-bench-", dir=work_dir) as tmp:
         root = Path(tmp) / "nih"
         paths = make_nih_root(files, count, root)
+        raw_px = _shorter_sides(paths)
         try:
             for fmt in formats:
                 shards = Path(tmp) / f"shards-{fmt}"
@@ -188,70 +292,217 @@ def loader_suite(
                                         quality=quality, shard_size=shard_size)
                 pack_dataset(root, shards, settings, workers=max(1, workers), progress=False)
                 manifest = load_manifest(shards)
-                ours, single, baseline, bare = [], [], [], []
+                same_res = _write_shard_images(shards, Path(tmp) / f"files-{fmt}")
+                ours, single, raw, files_same, bare, ours_steady, files_steady = [], [], [], [], [], [], []
                 for _ in range(repeats):
                     ours.append(_timed(lambda: _as_engine_consumes(build_train_loader(
                         shards, batch_size, transform, workers, 1, 0, seed=0, epoch=0, manifest=manifest,
                         normalize_in_loader=False)[0])))
-                    baseline.append(_timed(lambda: DataLoader(
-                        FolderDataset(paths, transform), batch_size=batch_size, shuffle=True, num_workers=workers)))
+                    raw.append(_timed(lambda: _normalized(_folder_loader(paths, per_image, normalize, batch_size, workers), normalize)))
+                    files_same.append(_timed(lambda: _normalized(_folder_loader(same_res, per_image, normalize, batch_size, workers), normalize)))
+                    if workers and steady:
+                        ours_steady.append(_steady_stream(shards, transform, batch_size, workers, manifest))
+                        files_steady.append(_steady_folder(same_res, per_image, normalize, batch_size, workers))
                     single.append(_timed(lambda: _as_engine_consumes(build_train_loader(
                         shards, batch_size, transform, 0, 1, 0, seed=0, epoch=0, manifest=manifest,
                         normalize_in_loader=False)[0])))
                     bare.append(_decode_only(shards, transform))
-                ours_img_s, baseline_img_s = _best(ours).img_s, _best(baseline).img_s
-                ours_cpu, baseline_cpu = _best_cpu(ours), _best_cpu(baseline)
-                single_cpu, bare_cpu = _best_cpu(single), _best_cpu(bare)
-                yield {
-                    "bench": "loader",
-                    "format": fmt,
-                    "ours_img_s": round(ours_img_s, 1),
-                    "baseline_img_s": round(baseline_img_s, 1),
-                    "ratio": round(ours_img_s / baseline_img_s, 2),
-                    "workers": workers,
-                    "images": count,
-                    "batch_size": batch_size,
-                    "ours_cpu_ms": round(ours_cpu, 3),
-                    "baseline_cpu_ms": round(baseline_cpu, 3),
-                    "cpu_ratio": round(baseline_cpu / ours_cpu, 2),
-                    "decode_only_img_s": round(_best(bare).img_s, 1),
-                    "decode_only_cpu_ms": round(bare_cpu, 3),
-                    "stream_1proc_img_s": round(_best(single).img_s, 1),
-                    "stream_1proc_cpu_ms": round(single_cpu, 3),
-                    "stream_overhead": round(single_cpu / bare_cpu - 1, 3),
-                    "shard_px": size,
-                    "shard_bytes": sum(s["bytes"] for s in manifest["splits"]["train"]["shards"]),
-                    "cpus": os.cpu_count(),
+                common = {
+                    "bench": "loader", "format": fmt, "workers": workers, "images": count, "batch_size": batch_size,
+                    "ours_px": size, "image_size": image_size,
+                    "shard_bytes": sum(s["bytes"] for s in manifest["splits"]["train"]["shards"]), "cpus": os.cpu_count(),
                 }
+                for comparison, baseline, baseline_px, baseline_format in (
+                    ("packed (pre-resized) vs raw files", raw, raw_px, sorted({p.suffix.lstrip(".") for p in paths})),
+                    ("stream vs same-resolution files", files_same, _shorter_sides(same_res), [fmt]),
+                ):
+                    result = {**common, "comparison": comparison, **_compare(ours, baseline),
+                              "baseline_px": baseline_px, "baseline_format": baseline_format}
+                    if baseline is files_same:
+                        single_cpu, bare_cpu = _best_cpu(single), _best_cpu(bare)
+                        result.update({
+                            "decode_only_img_s": round(_best(bare).img_s, 1),
+                            "decode_only_cpu_ms": round(bare_cpu, 3),
+                            "stream_1proc_img_s": round(_best(single).img_s, 1),
+                            "stream_1proc_cpu_ms": round(single_cpu, 3),
+                            "stream_overhead": round(single_cpu / bare_cpu - 1, 3),
+                            "pipeline_overhead": round(_best_cpu(ours) / bare_cpu - 1, 3),
+                        })
+                        if ours_steady:
+                            result.update({
+                                "ours_steady_cpu_ms": round(_best_cpu(ours_steady), 3),
+                                "baseline_steady_cpu_ms": round(_best_cpu(files_steady), 3),
+                                "pipeline_overhead_steady": round(_best_cpu(ours_steady) / bare_cpu - 1, 3),
+                            })
+                    yield result
         finally:
             torch.set_num_threads(threads)
 
 
-def pack_suite(images: str, count: int = 64, workers: int = 2, size: int = 512, fmt: str = "png", **_: Any) -> Iterator[dict[str, Any]]:
-    """Images/s of `chexdist pack` with 1 worker process vs `workers`, on the same real files."""
+def _compare(ours: list[Timing], baseline: list[Timing]) -> dict[str, float]:
+    ours_img_s, baseline_img_s = _best(ours).img_s, _best(baseline).img_s
+    ours_cpu, baseline_cpu = _best_cpu(ours), _best_cpu(baseline)
+    return {
+        "ours_img_s": round(ours_img_s, 1),
+        "baseline_img_s": round(baseline_img_s, 1),
+        "ratio": round(ours_img_s / baseline_img_s, 2),
+        "ours_cpu_ms": round(ours_cpu, 3),
+        "baseline_cpu_ms": round(baseline_cpu, 3),
+        "cpu_ratio": round(baseline_cpu / ours_cpu, 2),
+    }
+
+
+def pack_suite(images: str, count: int = 64, workers: int = 2, size: int = 512, fmt: str = "png", repeats: int = 3,
+               **_: Any) -> Iterator[dict[str, Any]]:
+    """Images/s of `chexdist pack` with 1 worker process vs `workers`, on the same real files.
+
+    Each repeat packs with both, alternating which goes first; `ratio` = best N-worker rate / best
+    1-worker rate, `ratio_runs` the ratio of each repeat's pair (their spread is the machine's noise).
+    *_cpu_ms is CPU time per image of the process and its workers (best run), *_main_cpu_ms the
+    parent's part of it: the serial share that caps scaling. On a busy machine the CPU times hold
+    where the wall-clock ratio does not; load_avg (1 min, at the end) says how busy it was.
+    """
     from chexdist.pack import PackSettings, pack_dataset
 
+    if count < 1 or workers < 1 or repeats < 1:
+        raise ChexdistError("--count, --workers and --repeats must be >= 1")
     files = find_images(images)
     with tempfile.TemporaryDirectory(prefix="chexdist-bench-pack-") as tmp:
         root = Path(tmp) / "nih"
         make_nih_root(files, count, root)
         settings = PackSettings(size=size, format=fmt, shard_size=max(1, count // (4 * workers)))
-        rates = {}
-        for n in (1, workers):
-            start = time.perf_counter()
-            pack_dataset(root, Path(tmp) / f"out-{n}", settings, workers=n, progress=False)
-            rates[n] = count / (time.perf_counter() - start)
+        rates: dict[int, list[float]] = {1: [], workers: []} if workers > 1 else {1: []}
+        cpu: dict[int, list[float]] = {n: [] for n in rates}
+        main: dict[int, list[float]] = {n: [] for n in rates}
+        runs = 0
+        for r in range(repeats):
+            for n in (list(rates) if r % 2 == 0 else list(reversed(rates))):
+                runs += 1
+                start, cpu_start, own_start = time.perf_counter(), _cpu_seconds(), _own_cpu_seconds()
+                pack_dataset(root, Path(tmp) / f"out-{runs}", settings, workers=n, progress=False)
+                rates[n].append(count / (time.perf_counter() - start))
+                cpu[n].append(1e3 * (_cpu_seconds() - cpu_start) / count)
+                main[n].append(1e3 * (_own_cpu_seconds() - own_start) / count)
     yield {
         "bench": "pack",
         "format": fmt,
         "size": size,
         "images": count,
         "workers": workers,
-        "workers_1_img_s": round(rates[1], 2),
-        f"workers_{workers}_img_s": round(rates[workers], 2),
-        "ratio": round(rates[workers] / rates[1], 3),
+        "repeats": repeats,
+        "workers_1_img_s": round(max(rates[1]), 2),
+        f"workers_{workers}_img_s": round(max(rates[workers]), 2),
+        "ratio": round(max(rates[workers]) / max(rates[1]), 3),
+        "ratio_runs": [round(b / a, 3) for a, b in zip(rates[1], rates[workers])],
+        "workers_1_cpu_ms": round(min(cpu[1]), 2),
+        f"workers_{workers}_cpu_ms": round(min(cpu[workers]), 2),
+        f"workers_{workers}_main_cpu_ms": round(min(main[workers]), 2),
         "cpus": os.cpu_count(),
+        "load_avg": round(os.getloadavg()[0], 2),
     }
+
+
+def _pack_real(images: str | os.PathLike, count: int, root: Path, settings) -> Path:
+    from chexdist.pack import pack_dataset
+
+    make_nih_root(find_images(images), count, root / "nih")
+    pack_dataset(root / "nih", root / "shards", settings, workers=2, progress=False)
+    return root / "shards"
+
+
+def resume_suite(images: str | os.PathLike, count: int = 512, workers: int = 2, batch_size: int = 32, size: int = 512,
+                 fractions: tuple[float, ...] = (0.1, 0.9), repeats: int = 2, **_: Any) -> Iterator[dict[str, Any]]:
+    """Restart-to-first-batch of a train loader resumed at `fractions` of an epoch: before (the loader
+    starts at batch 0 and the first k batches are decoded and discarded, as the engine did) vs after
+    (`start_batch=k`: the readers start at the first sample batch k needs and decode nothing they skip).
+
+    The first batch is the one the resumed run's first optimizer step uses; both loaders yield the
+    same batch (checked). Train augmentation ("dannynet", 224 px) on `count` real images packed at
+    `size` px. Best of `repeats`; CPU time is that of the process and its workers.
+    """
+    from chexdist.pack import PackSettings
+
+    transform = build_transform("dannynet", image_size=224, train=True)
+    with tempfile.TemporaryDirectory(prefix="chexdist-bench-resume-") as tmp:
+        shards = _pack_real(images, count, Path(tmp), PackSettings(split="random", fractions=(1.0, 0.0, 0.0), size=size))
+        num_batches = build_train_loader(shards, batch_size, transform, workers, 1, 0, seed=0, epoch=0)[1]
+        for fraction in fractions:
+            k = min(num_batches - 1, int(fraction * num_batches))
+            times: dict[str, list[Timing]] = {"skip": [], "start": []}
+            first: dict[str, torch.Tensor] = {}
+            for _ in range(repeats):
+                for how in ("skip", "start"):
+                    cpu, wall = _cpu_seconds(), time.perf_counter()
+                    loader, _ = build_train_loader(shards, batch_size, transform, workers, 1, 0, seed=0, epoch=0,
+                                                   start_batch=k if how == "start" else 0, normalize_in_loader=False)
+                    batches = iter(loader)
+                    for _ in range(0 if how == "start" else k):
+                        next(batches)
+                    first[how] = next(batches)[0]
+                    seconds = time.perf_counter() - wall
+                    del batches, loader  # joins the workers, so their CPU time is counted
+                    times[how].append(Timing(1, seconds, _cpu_seconds() - cpu))
+            if not torch.equal(first["skip"], first["start"]):
+                raise ChexdistError("resume bench: start_batch gave another batch than skipping; the loader is broken")
+            before, after = _best(times["skip"]), _best(times["start"])
+            yield {
+                "bench": "resume",
+                "fraction": fraction,
+                "start_batch": k,
+                "num_batches": num_batches,
+                "batch_size": batch_size,
+                "workers": workers,
+                "before_s": round(before.wall_s, 3),
+                "after_s": round(after.wall_s, 3),
+                "speedup": round(before.wall_s / after.wall_s, 2),
+                "before_cpu_s": round(min(t.cpu_s for t in times["skip"]), 3),
+                "after_cpu_s": round(min(t.cpu_s for t in times["start"]), 3),
+                "shard_px": size,
+                "cpus": os.cpu_count(),
+            }
+
+
+def reads_suite(ranks: int = 8, workers: int = 8, shards: int = 80, count: int = 1600, batch_size: int = 4,
+                **_: Any) -> Iterator[dict[str, Any]]:
+    """Shard bytes read in one training epoch by `ranks` x `workers` readers, against the dataset's size.
+
+    Synthetic 32-px images packed into `shards` train shards (the bytes read, not the pixels, are
+    measured). Every rank's loader runs in this process one after another, with its real worker
+    processes. "local": a shard folder (readers seek to their first sample with the offset index);
+    "stream": the same shards through `pipe:cat` (readers read each shard from its start, as with
+    object stores). read_ratio = bytes read / bytes of the train shards (1.0 = each byte once).
+    """
+    from chexdist.pack import PackSettings, pack_dataset
+    from chexdist.synth import make_synthetic_nih
+
+    transform = build_transform("none", image_size=8, eval_resize=8, train=False)
+    with tempfile.TemporaryDirectory(prefix="chexdist-bench-reads-") as tmp:
+        make_synthetic_nih(Path(tmp) / "nih", images=count, size=32, seed=0)
+        out = Path(tmp) / "shards"
+        settings = PackSettings(split="random", fractions=(1.0, 0.0, 0.0), size=0, shard_size=max(1, -(-count // shards)))
+        manifest = pack_dataset(Path(tmp) / "nih", out, settings, workers=2, progress=False)
+        train = manifest["splits"]["train"]
+        dataset_bytes = sum(s["bytes"] for s in train["shards"])
+        for name, where in (("local", str(out)), ("stream", f"pipe:cat {out}/{{name}}")):
+            read = 0
+            for rank in range(ranks):
+                loader, _ = build_train_loader(where, batch_size, transform, workers, ranks, rank, seed=0, epoch=0, manifest=manifest)
+                with warnings.catch_warnings():  # more workers than cores is the point here
+                    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+                    for _ in loader:
+                        pass
+                read += loader.bytes_read
+            yield {
+                "bench": "reads",
+                "source": name,
+                "ranks": ranks,
+                "workers": workers,
+                "shards": len(train["shards"]),
+                "images": train["samples"],
+                "dataset_bytes": dataset_bytes,
+                "bytes_read": read,
+                "read_ratio": round(read / dataset_bytes, 3),
+            }
 
 
 def train_suite(model: str = "resnet18", image_size: int = 128, batch_size: int = 16, steps: int = 20,
@@ -343,7 +594,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-SUITES: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {"loader": loader_suite, "pack": pack_suite, "train": train_suite}
+SUITES: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {
+    "loader": loader_suite, "pack": pack_suite, "train": train_suite, "resume": resume_suite, "reads": reads_suite,
+}
 
 
 def run_suite(name: str, out=sys.stdout, **options: Any) -> list[dict[str, Any]]:

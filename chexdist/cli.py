@@ -219,7 +219,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         options = dict(images=args.images, count=args.count or 1024, workers=args.workers, batch_size=args.batch_size or 32,
                        repeats=args.repeats or 2, formats=tuple(args.formats.split(",")))
     elif args.suite == "pack":
-        options = dict(images=args.images, count=args.count or 64, workers=args.workers, size=args.size, fmt=args.formats.split(",")[0])
+        options = dict(images=args.images, count=args.count or 64, workers=args.workers, size=args.size, fmt=args.formats.split(",")[0],
+                       repeats=args.repeats or 3)
+    elif args.suite == "resume":
+        options = dict(images=args.images, count=args.count or 512, workers=args.workers, batch_size=args.batch_size or 32,
+                       size=args.size, repeats=args.repeats or 2)
+    elif args.suite == "reads":
+        options = dict(ranks=args.ranks, workers=args.workers, shards=args.shards, count=args.count or 1600)
     else:
         options = dict(model=args.model, image_size=args.image_size, batch_size=args.batch_size or 16, steps=args.steps,
                        precision=args.precision, repeats=args.repeats or 6)
@@ -391,14 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config_show)
 
     p = sub.add_parser("bench", help="performance suites; one JSON line per result, ratios measured in one run")
-    p.add_argument("suite", choices=("loader", "pack", "train"))
-    p.add_argument("--images", help="loader/pack: folder of real PNGs (cycled to --count)")
-    p.add_argument("--count", type=int, default=0, help="images to use (loader 1024, pack 64)")
-    p.add_argument("--workers", type=int, default=2, help="loader: DataLoader workers; pack: processes vs 1")
+    p.add_argument("suite", choices=("loader", "pack", "train", "resume", "reads"))
+    p.add_argument("--images", help="loader/pack/resume: folder of real PNGs (cycled to --count)")
+    p.add_argument("--count", type=int, default=0, help="images to use (loader 1024, pack 64, resume 512, reads 1600)")
+    p.add_argument("--workers", type=int, default=2, help="loader/resume/reads: DataLoader workers per rank; pack: processes vs 1")
+    p.add_argument("--ranks", type=int, default=8, help="reads: simulated ranks")
+    p.add_argument("--shards", type=int, default=80, help="reads: train shards")
     p.add_argument("--batch-size", type=int, default=0, help="loader 32, train 16")
-    p.add_argument("--repeats", type=int, default=0, help="timed repeats (loader 2, train 6)")
+    p.add_argument("--repeats", type=int, default=0, help="timed repeats (loader 2, pack 3, train 6)")
     p.add_argument("--formats", default="png,jpg", help="loader: shard formats; pack: the first one")
-    p.add_argument("--size", type=int, default=512, help="pack: shorter side of packed images")
+    p.add_argument("--size", type=int, default=512, help="pack/resume: shorter side of packed images")
     p.add_argument("--model", default="resnet18", help="train: model name")
     p.add_argument("--image-size", type=int, default=128, help="train: input side")
     p.add_argument("--steps", type=int, default=20, help="train: optimizer steps per timed run")

@@ -19,13 +19,17 @@ Sample positions, not whole shards, are divided among ranks and workers, planned
 manifest counts: webdataset's split_by_node / split_by_worker split by shard, so they cannot give
 every rank the same number of samples, and DDP would then hang (a rank waits in a collective another
 rank never reaches) or drop data. Planning positions works with any number of shards, ranks and
-workers. Train: see :func:`build_train_loader`.
+workers. A local shard is opened at a reader's first sample (the manifest's per-shard `offsets`);
+each train batch is seeded on its own, so a loader can start at any batch without decoding the ones
+before it. Train: see :func:`build_train_loader`.
 Eval: see :func:`build_eval_loader` for the padding/mask contract.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -34,7 +38,6 @@ import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -44,7 +47,7 @@ from webdataset.filters import shuffle
 
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS, NUM_LABELS
-from chexdist.shardformat import IMAGE_KEYS, iter_tar, load_manifest, resolve, split_shards
+from chexdist.shardformat import IMAGE_KEYS, iter_tar, load_manifest, local_path, resolve, sample_offsets, split_shards
 from chexdist.transforms import GrayToNormalizedRGB, split_normalization
 
 log = logging.getLogger(__name__)
@@ -60,7 +63,7 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 class LoaderStats:
-    """Samples skipped (unreadable shard part, undecodable image, bad json), summed over workers.
+    """Samples skipped (unreadable shard part, undecodable image, bad json) and shard bytes read, summed over workers.
 
     Each worker writes only its own slot of a shared-memory tensor, so no lock is needed and the
     counts reach the main process under fork and spawn alike.
@@ -68,13 +71,21 @@ class LoaderStats:
 
     def __init__(self, slots: int):
         self.counts = torch.zeros(max(1, slots), dtype=torch.int64).share_memory_()
+        self.bytes = torch.zeros(max(1, slots), dtype=torch.int64).share_memory_()
 
     @property
     def skipped(self) -> int:
         return int(self.counts.sum())
 
+    @property
+    def bytes_read(self) -> int:
+        return int(self.bytes.sum())
+
     def add(self, slot: int, n: int = 1) -> None:
         self.counts[slot] += n
+
+    def add_bytes(self, slot: int, n: int) -> None:
+        self.bytes[slot] += n
 
 
 def _report_skip(what: str, reason: BaseException | str) -> None:
@@ -86,22 +97,58 @@ def _report_skip(what: str, reason: BaseException | str) -> None:
         log.warning("skipped %s: %s [%d skipped in this process]%s", what, reason, _skips_logged, more)
 
 
-def _read_segments(urls: list[str], segments: Iterable[tuple[int, int, int]], stats: LoaderStats, slot: int) -> Iterator[dict | None]:
+@dataclass(frozen=True)
+class _Shards:
+    """The shards a loader reads, with each one's sample offsets where known (manifest `offsets`)."""
+
+    urls: list[str]
+    counts: list[int]
+    offsets: list[list[int] | None]
+
+    def index(self, shard: int) -> list[int] | None:
+        """Sample offsets of a shard: the manifest's, else rebuilt once per process for a local file
+        (manifests packed before the index existed); None for a stream, which is read through."""
+        if self.offsets[shard] is not None:
+            return self.offsets[shard]
+        path = local_path(self.urls[shard])
+        return _local_index(path) if path is not None else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _local_index(path: str) -> list[int] | None:
+    try:
+        return sample_offsets(path)
+    except Exception:
+        return None  # unreadable: read through and let _read_segments count what is lost
+
+
+def _shards(shard_dir: str | os.PathLike, records: list[dict]) -> _Shards:
+    def offsets(record: dict) -> list[int] | None:
+        found = record.get("offsets")
+        return found if isinstance(found, list) and len(found) == record["samples"] else None
+
+    return _Shards([resolve(shard_dir, r["name"]) for r in records], [r["samples"] for r in records], [offsets(r) for r in records])
+
+
+def _read_segments(shards: _Shards, segments: Iterable[tuple[int, int, int]], stats: LoaderStats, slot: int) -> Iterator[dict | None]:
     """Exactly `take` items per (shard, skip, take) segment: a sample, or None for each one lost."""
     for shard, skip, take in segments:
-        got = 0
+        got, read = 0, [0]
+        url = shards.urls[shard]
         try:
-            for sample in iter_tar(urls[shard], skip, take):
+            for sample in iter_tar(url, skip, take, offsets=shards.index(shard) if skip else None, on_read=read.append):
                 got += 1
                 yield sample
         except Exception as exc:
             reason: BaseException | str = exc
         else:
             reason = "shard ended early (cut or corrupt tar, or fewer samples than its manifest record)"
+        finally:
+            stats.add_bytes(slot, sum(read))
         if got < take:
             lost = take - got
             stats.add(slot, lost)
-            _report_skip(f"{lost} sample(s) of {urls[shard]} from position {skip + got}", reason)
+            _report_skip(f"{lost} sample(s) of {url} from position {skip + got}", reason)
             yield from [None] * lost
 
 
@@ -209,63 +256,130 @@ def _ring_segments(counts: list[int], order: list[int], start: int, length: int 
         q = (q + take) % total
 
 
+def _seed_words(*key: int) -> np.ndarray:
+    """Four 32-bit words drawn from numpy's SeedSequence of `key` (independent streams per key)."""
+    return np.random.SeedSequence(list(key)).generate_state(4)
+
+
+@contextlib.contextmanager
+def _seeded(words: np.ndarray) -> Iterator[None]:
+    """Run a block with torch's, Python's and NumPy's global generators seeded from `words`, then put
+    all three back: a transform may draw from any of them, and the caller's streams stay untouched."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(words[0]) << 32 | int(words[1]))
+        random.seed(int(words[2]) << 32 | int(words[3]))
+        np.random.seed(words)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
 @dataclass(frozen=True)
 class _TrainPlan:
-    """Everything one rank's streams need; plain data so the dataset pickles for any start method."""
+    """Everything one rank's streams need for any epoch; plain data so the dataset pickles for any start method."""
 
-    urls: list[str]
-    counts: list[int]
-    order: list[int]
-    starts: list[int]
+    shards: _Shards
     batches: list[int]
     batch_size: int
     shuffle_buffer: int
-    seeds: list[tuple[int, int]]
+    seed: int
+    rank: int
+    num_batches: int
+
+    def ring(self, epoch: int) -> tuple[list[int], list[int]]:
+        """(shard order, ring start of each worker) of `epoch`: a (seed, epoch) permutation of the
+        shards, rotated by a seeded offset; this rank's workers take consecutive ranges of it."""
+        total = sum(self.shards.counts)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.shards.counts)).tolist()
+        position = int(rng.integers(total)) + self.rank * self.num_batches * self.batch_size
+        starts = []
+        for count in self.batches:
+            starts.append(position)
+            position += count * self.batch_size
+        return order, starts
 
 
 class TrainStream(IterableDataset):
-    """One rank's train stream; worker w yields exactly plan.batches[w] full batches."""
+    """One rank's train stream from batch `position[1]` of epoch `position[0]` (shared memory, so
+    persistent workers see each epoch the main process sets).
 
-    def __init__(self, plan: _TrainPlan, transform: Transform, normalize: GrayToNormalizedRGB | None, stats: LoaderStats):
+    Batch i of the rank belongs to worker i % W as its batch i // W. Starting at batch k, DataLoader
+    worker d plays worker (d + k) % W: the DataLoader's round robin from worker 0 then yields batches
+    k, k+1, ... in the uninterrupted order. Within a worker, the shuffle-buffer permutation of its ring
+    range is computed on positions, not samples, and every batch seeds its augmentation from (seed,
+    epoch, rank, worker, batch), so a batch's content depends on nothing read before it: starting at
+    batch k reads from the first position batches >= k need, and decodes nothing it skips.
+    """
+
+    def __init__(self, plan: _TrainPlan, transform: Transform, normalize: GrayToNormalizedRGB | None,
+                 stats: LoaderStats, position: torch.Tensor):
         super().__init__()
-        self.plan, self.transform, self.normalize, self.stats = plan, transform, normalize, stats
+        self.plan, self.transform, self.normalize, self.stats, self.position = plan, transform, normalize, stats, position
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        p, slot = self.plan, _worker_slot()
-        budget = p.batches[slot] * p.batch_size
-        if budget == 0:
+        p, B = self.plan, self.plan.batch_size
+        epoch, start_batch = (int(v) for v in self.position)
+        workers = len(p.batches)
+        slot = _worker_slot()
+        worker = (slot + start_batch) % workers
+        first = max(0, -(-(start_batch - worker) // workers))
+        if first >= p.batches[worker]:
             return
-        shuffle_seed, torch_seed = p.seeds[slot]
-        mine = _read_segments(p.urls, _ring_segments(p.counts, p.order, p.starts[slot], budget), self.stats, slot)
-        spare = _read_segments(p.urls, _ring_segments(p.counts, p.order, p.starts[slot] + budget, None), self.stats, slot)
-        shuffled = shuffle(p.shuffle_buffer, initial=p.shuffle_buffer, rng=random.Random(shuffle_seed))(mine)
-        items = chain(shuffled, spare)
-        rng_state = torch.Generator().manual_seed(torch_seed).get_state()
-        patience = sum(p.counts) + p.batch_size
-        for _ in range(p.batches[slot]):
-            images, labels, failed = [], [], 0
-            with torch.random.fork_rng(devices=[]):
-                torch.set_rng_state(rng_state)
-                while len(images) < p.batch_size:
-                    item = next(items)
-                    if item is not None:
-                        try:
-                            decoded = _decode(item, self.transform)
-                            images.append(decoded.image)
-                            labels.append(decoded.labels)
-                            failed = 0
-                            continue
-                        except Exception as exc:
-                            self.stats.add(slot)
-                            _report_skip(f"{item['__key__']} in {item['__url__']}", exc)
-                    failed += 1
-                    if failed > patience:
-                        raise ChexdistError(
-                            f"train split ({len(p.urls)} shards, e.g. {p.urls[0]}): no decodable sample in a full "
-                            "pass over the split; see the warnings above"
-                        )
-                rng_state = torch.get_rng_state()
+        order, starts = p.ring(epoch)
+        budget = p.batches[worker] * B
+        shuffle_seed = int(_seed_words(p.seed, epoch, p.rank, worker)[0])
+        perm = list(shuffle(p.shuffle_buffer, initial=p.shuffle_buffer, rng=random.Random(shuffle_seed))(iter(range(budget))))
+        wanted = perm[first * B:]
+        needed = bytearray(budget)
+        for q in wanted:
+            needed[q] = 1
+        lowest = min(wanted)
+        segments = _ring_segments(p.shards.counts, order, starts[worker] + lowest, budget - lowest)
+        reader = enumerate(_read_segments(p.shards, segments, self.stats, slot), start=lowest)
+        pending: dict[int, dict | None] = {}
+        for b in range(first, p.batches[worker]):
+            images, labels = [], []
+            with _seeded(_seed_words(p.seed, epoch, p.rank, worker, b)):
+                for j in range(b * B, (b + 1) * B):
+                    while perm[j] not in pending:
+                        q, item = next(reader)
+                        if needed[q]:
+                            pending[q] = item
+                    decoded = self._decode(pending.pop(perm[j]), slot)
+                    if decoded is None:
+                        decoded = self._replacement(order, starts[worker] + budget + j, slot)
+                    images.append(decoded.image)
+                    labels.append(decoded.labels)
             yield _collate(images, self.normalize), torch.stack(labels)
+
+    def _decode(self, item: dict | None, slot: int) -> _Decoded | None:
+        if item is None:
+            return None
+        try:
+            return _decode(item, self.transform)
+        except Exception as exc:
+            self.stats.add(slot)
+            _report_skip(f"{item['__key__']} in {item['__url__']}", exc)
+            return None
+
+    def _replacement(self, order: list[int], ring_position: int, slot: int) -> _Decoded:
+        """The first decodable sample from `ring_position` on (another worker's range); a fixed place
+        per output slot, so a replacement does not shift later batches."""
+        counts = self.plan.shards.counts
+        candidates = _read_segments(self.plan.shards, _ring_segments(counts, order, ring_position, sum(counts)), self.stats, slot)
+        with contextlib.closing(candidates):
+            for item in candidates:
+                decoded = self._decode(item, slot)
+                if decoded is not None:
+                    return decoded
+        raise ChexdistError(
+            f"train split ({len(counts)} shards, e.g. {self.plan.shards.urls[0]}): no decodable sample in a full "
+            "pass over the split; see the warnings above"
+        )
 
 
 # ---------------------------------------------------------------- eval
@@ -284,8 +398,7 @@ class EvalBatch(NamedTuple):
 
 @dataclass(frozen=True)
 class _EvalPlan:
-    urls: list[str]
-    counts: list[int]
+    shards: _Shards
     rank_start: int
     rank_samples: int
     batch_ranges: list[tuple[int, int]]
@@ -310,8 +423,9 @@ class EvalStream(IterableDataset):
         B = p.batch_size
         lo = min(first * B, p.rank_samples)
         hi = min(last * B, p.rank_samples)
-        segments = _ring_segments(p.counts, list(range(len(p.counts))), p.rank_start + lo, hi - lo) if hi > lo else iter(())
-        items = _read_segments(p.urls, segments, self.stats, slot)
+        counts = p.shards.counts
+        segments = _ring_segments(counts, list(range(len(counts))), p.rank_start + lo, hi - lo) if hi > lo else iter(())
+        items = _read_segments(p.shards, segments, self.stats, slot)
         pad: torch.Tensor | None = None
         for b in range(first, last):
             images, labels = [], torch.zeros((B, NUM_LABELS), dtype=torch.float32)
@@ -354,31 +468,52 @@ class EvalStream(IterableDataset):
 class ShardLoader:
     """An iterable over one epoch (train) or one pass (eval) that yields exactly `len()` batches.
 
-    Not a DataLoader on purpose: `accelerator.prepare` passes it through untouched (it must not be
-    re-sharded; ranks are already split). `skipped` counts samples lost to unreadable data so far.
+    Not a DataLoader on purpose: `accelerate.prepare` passes it through untouched (it must not be
+    re-sharded; ranks are already split). `skipped` counts samples lost to unreadable data so far,
+    `bytes_read` the shard bytes read so far (both summed over workers, over all passes).
     `normalize` finishes the images of a batch: identity, or (built with normalize_in_loader=False)
     the uint8 [B,1,H,W] -> float [B,3,H,W] normalization, run on the device after the transfer
     (`loader.normalize(images.to(device))`; it follows its input's device).
+    A train loader is re-pointed with `set_epoch(epoch, start_batch)` before each pass; its
+    (persistent) workers read the new position from shared memory when the pass starts.
     """
 
-    def __init__(self, loader: DataLoader, num_batches: int, stats: LoaderStats, what: str, normalize: torch.nn.Module):
+    def __init__(self, loader: DataLoader, num_batches: int, stats: LoaderStats, what: str, normalize: torch.nn.Module,
+                 position: torch.Tensor | None = None):
         self.loader, self.num_batches, self.stats, self.what = loader, num_batches, stats, what
-        self.normalize = normalize
+        self.normalize, self.position = normalize, position
+
+    @property
+    def start_batch(self) -> int:
+        return int(self.position[1]) if self.position is not None else 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if self.position is None:
+            raise ChexdistError(f"{self.what}: only a train loader has epochs")
+        if epoch < 0 or not 0 <= start_batch <= self.num_batches:
+            raise ChexdistError(f"{self.what}: epoch {epoch} / start_batch {start_batch} out of range (0..{self.num_batches})")
+        self.position[0], self.position[1] = epoch, start_batch
 
     def __len__(self) -> int:
-        return self.num_batches
+        return self.num_batches - self.start_batch
 
     @property
     def skipped(self) -> int:
         return self.stats.skipped
 
+    @property
+    def bytes_read(self) -> int:
+        return self.stats.bytes_read
+
     def __iter__(self) -> Iterator[Any]:
-        produced = 0
+        expected, produced = len(self), 0
+        if expected == 0:
+            return
         for batch in self.loader:
             produced += 1
             yield batch
-        if produced != self.num_batches:
-            raise ChexdistError(f"{self.what}: produced {produced} batches instead of {self.num_batches}; ranks would desynchronize")
+        if produced != expected:
+            raise ChexdistError(f"{self.what}: produced {produced} batches instead of {expected}; ranks would desynchronize")
 
 
 def _check_args(batch_size: int, num_workers: int, world_size: int, rank: int) -> None:
@@ -390,8 +525,11 @@ def _check_args(batch_size: int, num_workers: int, world_size: int, rank: int) -
         raise ChexdistError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
 
 
-def _dataloader(dataset: IterableDataset, num_workers: int, pin_memory: bool, multiprocessing_context: str | None) -> DataLoader:
-    """A DataLoader that draws its worker base seed from its own generator, not the global torch RNG."""
+def _dataloader(dataset: IterableDataset, num_workers: int, pin_memory: bool, multiprocessing_context: str | None,
+                seed_key: tuple[int, ...], persistent_workers: bool) -> DataLoader:
+    """A DataLoader whose workers' torch, Python and NumPy generators start from `seed_key` (torch seeds
+    all three from the generator's base seed + worker id), not from the global torch RNG or a constant."""
+    words = _seed_words(*seed_key)
     return DataLoader(
         dataset,
         batch_size=None,
@@ -399,7 +537,8 @@ def _dataloader(dataset: IterableDataset, num_workers: int, pin_memory: bool, mu
         worker_init_fn=_worker_init if num_workers else None,
         pin_memory=pin_memory,
         multiprocessing_context=multiprocessing_context if num_workers else None,
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator().manual_seed((int(words[0]) << 31) | (int(words[1]) >> 1)),
+        persistent_workers=persistent_workers and num_workers > 0,
     )
 
 
@@ -432,12 +571,14 @@ def build_train_loader(
     shuffle_buffer: int = 1000,
     max_batches: int = 0,
     *,
+    start_batch: int = 0,
     manifest: dict | None = None,
     pin_memory: bool = False,
     multiprocessing_context: str | None = None,
     normalize_in_loader: bool = True,
+    persistent_workers: bool = False,
 ) -> tuple[ShardLoader, int]:
-    """The train loader of one epoch for one rank: (loader, num_batches), num_batches equal on all ranks.
+    """The train loader of one rank: (loader, num_batches), num_batches equal on all ranks and epochs.
 
     num_batches = ceil(train samples / (batch_size * world_size)) (capped by max_batches > 0), from
     the manifest alone. The epoch's shard order is a permutation seeded by (seed, epoch), rotated by
@@ -446,57 +587,52 @@ def build_train_loader(
     num_batches), shuffles them in a buffer of `shuffle_buffer`, and decodes them. Every sample is
     thus read once per epoch (the ceil wraps a few from the ring's start), with any shard count and
     any world_size * num_workers. A sample that cannot be read or decoded is counted
-    (`loader.skipped`), logged, and replaced by the next ring position, so batch counts never change
-    and DDP cannot hang. All batches are full: (images float [B,3,H,W], labels float [B,14]).
+    (`loader.skipped`), logged, and replaced by a sample from a fixed ring position further on, so
+    batch counts never change and DDP cannot hang. All batches are full: (images float [B,3,H,W],
+    labels float [B,14]).
 
-    Deterministic in (seed, epoch, rank, num_workers, world_size, batch_size): shuffling and
-    augmentation use their own RNG streams (the global torch RNG is left untouched), so re-creating
-    the loader for epoch e after a restart yields the same batches as an uninterrupted run.
+    Deterministic in (seed, epoch, rank, num_workers, world_size, batch_size): each batch's
+    augmentation draws from torch, Python and NumPy generators seeded by (seed, epoch, rank, worker,
+    batch) (the caller's global generators are left untouched), so the loader can start at any batch:
+    `start_batch=k` (or `loader.set_epoch(epoch, k)`) yields batches k..num_batches-1 exactly as an
+    uninterrupted pass would, without decoding the first k. Local shards are opened at each reader's
+    first sample (the manifest's offset index, or one rebuilt from the tar headers); streams (pipe:,
+    http) are read from their start.
 
     normalize_in_loader=False: workers stop before normalization and batches carry uint8
     [B,1,H,W]; apply `loader.normalize` on the device (12x less data through IPC and PCIe).
-    pin_memory / multiprocessing_context are passed to the DataLoader.
+    persistent_workers keeps the workers across epochs: build once, then `loader.set_epoch(e, k)`
+    before each pass. pin_memory / multiprocessing_context are passed to the DataLoader.
     """
     _check_args(batch_size, num_workers, world_size, rank)
     if seed < 0 or epoch < 0 or shuffle_buffer < 0 or max_batches < 0:
         raise ChexdistError(f"seed, epoch, shuffle_buffer and max_batches must be >= 0, got {seed}, {epoch}, {shuffle_buffer}, {max_batches}")
     where = os.fspath(shard_dir)
     manifest = manifest if manifest is not None else load_manifest(shard_dir)
-    shards = [s for s in split_shards(manifest, "train", where) if s["samples"] > 0]
-    total = sum(s["samples"] for s in shards)
+    records = [s for s in split_shards(manifest, "train", where) if s["samples"] > 0]
+    total = sum(s["samples"] for s in records)
     if total == 0:
         raise ChexdistError(f"{where}: the train split has no samples")
     num_batches = math.ceil(total / (batch_size * world_size))
     if max_batches:
         num_batches = min(num_batches, max_batches)
-    workers = max(1, num_workers)
-    batches = _split_counts(num_batches, workers)
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(shards)).tolist()
-    offset = int(rng.integers(total))
-    starts, position = [], offset + rank * num_batches * batch_size
-    for count in batches:
-        starts.append(position)
-        position += count * batch_size
-    seeds = []
-    for w in range(workers):
-        a, b = np.random.SeedSequence([seed, epoch, rank, w]).generate_state(2, dtype=np.uint64).tolist()
-        seeds.append((int(a), int(b) >> 1))
     plan = _TrainPlan(
-        urls=[resolve(shard_dir, s["name"]) for s in shards],
-        counts=[s["samples"] for s in shards],
-        order=order,
-        starts=starts,
-        batches=batches,
+        shards=_shards(shard_dir, records),
+        batches=_split_counts(num_batches, max(1, num_workers)),
         batch_size=batch_size,
         shuffle_buffer=shuffle_buffer,
-        seeds=seeds,
+        seed=seed,
+        rank=rank,
+        num_batches=num_batches,
     )
-    stats = LoaderStats(workers)
+    stats = LoaderStats(num_workers)
+    position = torch.zeros(2, dtype=torch.int64).share_memory_()
     per_image, in_loader, normalize = _stages(transform, normalize_in_loader)
-    dataset = TrainStream(plan, per_image, in_loader, stats)
-    loader = _dataloader(dataset, num_workers, pin_memory, multiprocessing_context)
-    return ShardLoader(loader, num_batches, stats, f"{where} train rank {rank}", normalize), num_batches
+    dataset = TrainStream(plan, per_image, in_loader, stats, position)
+    loader = _dataloader(dataset, num_workers, pin_memory, multiprocessing_context, (seed, epoch, rank), persistent_workers)
+    shard_loader = ShardLoader(loader, num_batches, stats, f"{where} train rank {rank}", normalize, position)
+    shard_loader.set_epoch(epoch, start_batch)
+    return shard_loader, num_batches
 
 
 def build_eval_loader(
@@ -512,6 +648,7 @@ def build_eval_loader(
     pin_memory: bool = False,
     multiprocessing_context: str | None = None,
     normalize_in_loader: bool = True,
+    persistent_workers: bool = False,
 ) -> tuple[ShardLoader, int]:
     """One pass over `split` for one rank: (loader, num_batches), num_batches equal on all ranks.
 
@@ -526,7 +663,9 @@ def build_eval_loader(
     The engine must: run the model on every batch on every rank (same count everywhere), then
     `accelerator.gather` (not gather_for_metrics) the outputs together with labels, valid, index and
     patient_id, and keep rows where valid is True. Kept indices are then exactly the split's
-    readable samples, each once. normalize_in_loader as in :func:`build_train_loader`.
+    readable samples, each once. The loader can be iterated again for another identical pass
+    (persistent_workers keeps its workers between passes); normalize_in_loader as in
+    :func:`build_train_loader`.
     """
     _check_args(batch_size, num_workers, world_size, rank)
     where = os.fspath(shard_dir)
@@ -539,8 +678,7 @@ def build_eval_loader(
     bounds = np.cumsum([0] + _split_counts(num_batches, workers)).tolist()
     kept = [s for s in shards if s["samples"] > 0]
     plan = _EvalPlan(
-        urls=[resolve(shard_dir, s["name"]) for s in kept],
-        counts=[s["samples"] for s in kept],
+        shards=_shards(shard_dir, kept),
         rank_start=sum(sizes[:rank]),
         rank_samples=sizes[rank],
         batch_ranges=[(int(bounds[w]), int(bounds[w + 1])) for w in range(workers)],
@@ -550,5 +688,5 @@ def build_eval_loader(
     stats = LoaderStats(workers)
     per_image, in_loader, normalize = _stages(transform, normalize_in_loader)
     dataset = EvalStream(plan, per_image, in_loader, stats)
-    loader = _dataloader(dataset, num_workers, pin_memory, multiprocessing_context)
+    loader = _dataloader(dataset, num_workers, pin_memory, multiprocessing_context, (rank,), persistent_workers)
     return ShardLoader(loader, num_batches, stats, f"{where} {split} rank {rank}", normalize), num_batches

@@ -94,29 +94,11 @@ class Predictions:
         return torch.sigmoid(self.logits).numpy()
 
 
-def predict_split(
-    model,
-    accelerator,
-    shards: str,
-    split: str,
-    config: Config,
-    manifest: dict,
-    *,
-    transform=None,
-    normalization: dict[str, list[float]] | None = None,
-    with_keys: bool = False,
-    progress: bool = False,
-) -> Predictions:
-    """Run the model over one split on every rank and gather: each readable sample exactly once.
-
-    `transform` defaults to the config's eval transform normalized with `normalization` (the one the
-    model was trained with, best.json's; by default the model's own, `models.model_normalization`); `with_keys` also gathers the image keys
-    (strings, through accelerate's gather_object); `progress` shows a bar on the main process when
-    stderr is a terminal.
-    """
-    if transform is None:
-        transform = eval_transform(config, normalization or model_normalization(accelerator.unwrap_model(model)))
-    loader, num_batches = build_eval_loader(
+def split_loader(accelerator, shards: str, split: str, config: Config, manifest: dict, *, transform,
+                 persistent_workers: bool = False):
+    """This rank's eval loader of `split` (uint8 batches, `transform` minus its normalization, which
+    `loader.normalize` applies on the device)."""
+    loader, _ = build_eval_loader(
         shards,
         split,
         config.data.eval_batch_size or 2 * config.data.batch_size,
@@ -127,11 +109,42 @@ def predict_split(
         manifest=manifest,
         pin_memory=accelerator.device.type == "cuda",
         normalize_in_loader=False,
+        persistent_workers=persistent_workers,
     )
+    return loader
+
+
+def predict_split(
+    model,
+    accelerator,
+    shards: str,
+    split: str,
+    config: Config,
+    manifest: dict,
+    *,
+    loader=None,
+    transform=None,
+    normalization: dict[str, list[float]] | None = None,
+    with_keys: bool = False,
+    progress: bool = False,
+) -> Predictions:
+    """Run the model over one split on every rank and gather: each readable sample exactly once.
+
+    `loader` (from :func:`split_loader`) lets a caller that scores the split every epoch keep its
+    workers. Otherwise `transform` defaults to the config's eval transform normalized with
+    `normalization` (the one the model was trained with, best.json's; by default the model's own,
+    `models.model_normalization`). `with_keys` also gathers the image keys (strings, through
+    accelerate's gather_object); `progress` shows a bar on the main process when stderr is a terminal.
+    """
+    if loader is None:
+        if transform is None:
+            transform = eval_transform(config, normalization or model_normalization(accelerator.unwrap_model(model)))
+        loader = split_loader(accelerator, shards, split, config, manifest, transform=transform)
+    skipped_before = loader.skipped
     from tqdm.auto import tqdm
 
     show = progress and accelerator.is_main_process
-    bar = tqdm(total=num_batches, desc=f"{split} ({accelerator.num_processes} process(es))", unit="batch",
+    bar = tqdm(total=len(loader), desc=f"{split} ({accelerator.num_processes} process(es))", unit="batch",
                leave=False, disable=None if show else True)
     parts: dict[str, list[torch.Tensor]] = {"logits": [], "targets": [], "valid": [], "index": [], "patient_id": []}
     keys: list[str] = []
@@ -151,7 +164,7 @@ def predict_split(
     bar.close()
     local = {k: torch.cat(v) for k, v in parts.items()}
     gathered = {k: accelerator.gather(v).cpu() for k, v in local.items()}
-    skipped = int(accelerator.reduce(torch.tensor(loader.skipped, device=accelerator.device), "sum").item())
+    skipped = int(accelerator.reduce(torch.tensor(loader.skipped - skipped_before, device=accelerator.device), "sum").item())
     keep = gathered["valid"].bool()
     order = torch.argsort(gathered["index"][keep])
     all_keys: list[str] = []

@@ -1,18 +1,19 @@
 """Pack an NIH-format download into WebDataset shards + manifest.json + errors.jsonl; verify them.
 
-Packing is deterministic (same inputs and settings -> byte-identical shards), parallel (worker
-processes decode, resize and encode; the main process writes tars), and resumable at shard
-granularity: a shard is written as a hidden temp file and renamed when complete, and its record in
+Packing is deterministic (same inputs and settings -> byte-identical shards), parallel (each worker
+process decodes, resizes, encodes and writes whole shards, so no image bytes cross processes and the
+main process only collects records), and resumable at shard granularity: a shard is written as a hidden temp file and renamed when complete, and its record in
 `.pack/` is written after the rename, so a re-run after a kill redoes only unfinished shards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from chexdist.images import ImageDecodeError, decode_gray8, encode, load_gray8, 
 from chexdist.labels import LABELS
 from chexdist.nih import NihRelease, load_release, missing_by_folder
 from chexdist.progress import interactive
-from chexdist.shardformat import FORMAT_VERSION, MANIFEST, iter_tar, load_manifest
+from chexdist.shardformat import FORMAT_VERSION, MANIFEST, iter_tar, load_manifest, sample_offsets
 from chexdist.splits import METHODS, SPLITS, assign_split, check_no_leakage, describe_lists, read_split_list
 
 FORMATS = ("png", "jpg")
@@ -221,25 +222,29 @@ def _positives(metas: Iterable[dict]) -> list[int]:
     return counts.tolist()
 
 
-def _write_shard(out: Path, plan: ShardPlan, encoded: Iterator[tuple[bytes | None, str | None]], fmt: str, tick: Callable[[], None]) -> dict:
-    """Write one shard to a temp name, rename it, then record it. Returns the record."""
+def _write_shard(out: Path, plan: ShardPlan, settings: PackSettings) -> dict:
+    """Encode and write one shard to a temp name, rename it, then record it. Returns the record.
+
+    The record holds the shard's sample offset index (`offsets`), which the loader uses to open a
+    shard at any sample without reading what precedes it.
+    """
     final = out / plan.name
     temp = out / f".{plan.name}.tmp"
     metas, errors, stats = [], [], []
     with open(temp, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for row in plan.rows:
-                data, error, image_stats = next(encoded)
-                tick()
+                data, error, image_stats = encode_sample((row["path"], settings.size, settings.format, settings.quality))
                 if error is not None:
                     errors.append({"image": row["meta"]["image"], "path": row["path"], "split": plan.split, "reason": error})
                     continue
                 _tar_add(tar, f"{row['key']}.json", dumps_json(row["meta"], sort_keys=True).encode())
-                _tar_add(tar, f"{row['key']}.{fmt}", data)
+                _tar_add(tar, f"{row['key']}.{settings.format}", data)
                 metas.append(row["meta"])
                 stats.append(image_stats)
         f.flush()
         os.fsync(f.fileno())
+    offsets = sample_offsets(temp)
     os.replace(temp, final)
     record = {
         "name": plan.name,
@@ -247,6 +252,7 @@ def _write_shard(out: Path, plan: ShardPlan, encoded: Iterator[tuple[bytes | Non
         "samples": len(metas),
         "sha256": sha256_file(final),
         "bytes": final.stat().st_size,
+        "offsets": offsets,
         "patients": sorted({m["patient_id"] for m in metas}),
         "positives": _positives(metas),
         "errors": errors,
@@ -254,6 +260,10 @@ def _write_shard(out: Path, plan: ShardPlan, encoded: Iterator[tuple[bytes | Non
     }
     atomic_write_json(out / STATE_DIR / f"{plan.name}.json", record)
     return record
+
+
+def _write_shard_task(task: tuple[Path, ShardPlan, PackSettings]) -> dict:
+    return _write_shard(*task)
 
 
 def _load_state(out: Path, settings: PackSettings, source_sha: str) -> dict[str, dict]:
@@ -304,16 +314,16 @@ def pack_dataset(
 
     total = sum(len(p.rows) for p in todo)
     bar = tqdm(total=total, desc=f"pack {out.name}", unit="img", disable=not (progress and interactive()) or total == 0)
-    tasks = ((row["path"], settings.size, settings.format, settings.quality) for p in todo for row in p.rows)
-    if workers == 1:
-        encoded = map(encode_sample, tasks)
-        for plan in todo:
-            done[plan.name] = _write_shard(out, plan, encoded, settings.format, bar.update)
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            encoded = pool.map(encode_sample, tasks, chunksize=4)
-            for plan in todo:
-                done[plan.name] = _write_shard(out, plan, encoded, settings.format, bar.update)
+    tasks = [(out, plan, settings) for plan in todo]
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and len(todo) > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=min(workers, len(todo))))
+            records = pool.map(_write_shard_task, tasks)
+        else:
+            records = map(_write_shard_task, tasks)
+        for record in records:
+            done[record["name"]] = record
+            bar.update(record["samples"] + len(record["errors"]))
     bar.close()
 
     records = [done[p.name] for p in plans]
@@ -369,7 +379,7 @@ def _build_manifest(release: NihRelease, settings: PackSettings, source_sha: str
             "samples": sum(r["samples"] for r in mine),
             "patients": len({p for r in mine for p in r["patients"]}),
             "positives": dict(zip(LABELS, positives)),
-            "shards": [{k: r[k] for k in ("name", "samples", "sha256", "bytes")} for r in mine],
+            "shards": [{k: r[k] for k in ("name", "samples", "sha256", "bytes", "offsets") if k in r} for r in mine],
         }
     reasons: dict[str, int] = {}
     for e in errors:
@@ -438,6 +448,8 @@ def _verify_shard(args: tuple[str, dict, str, str]) -> dict:
         metas.append(meta)
     if len(groups) != entry["samples"]:
         problems.append(f"{name}: {len(groups)} samples, manifest says {entry['samples']}")
+    if "offsets" in entry and entry["offsets"] != sample_offsets(path):
+        problems.append(f"{name}: the manifest's sample offsets do not match the tar; re-pack this shard")
     return {
         "problems": problems,
         "patients": sorted({m["patient_id"] for m in metas}),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import Any
 
@@ -22,6 +22,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 IMAGE_KEYS = ("png", "jpg", "jpeg")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 
 
 def resolve(shard_dir: str | os.PathLike, name: str) -> str:
@@ -95,22 +96,85 @@ def shard_urls(shard_dir: str | os.PathLike, split: str, manifest: dict | None =
     return [resolve(shard_dir, entry["name"]) for entry in split_shards(manifest, split, os.fspath(shard_dir))]
 
 
-def iter_tar(url: str, skip: int = 0, take: int | None = None) -> Iterator[dict[str, Any]]:
+def local_path(url: str) -> str | None:
+    """The file path of a shard URL that names a local file (a path or file://), else None (a stream)."""
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    if url.startswith("pipe:") or _URL.match(url):
+        return None
+    return url
+
+
+def sample_offsets(path: str | os.PathLike) -> list[int]:
+    """Byte offset of each sample's first tar header in a local shard, numbered as :func:`iter_tar` numbers them.
+
+    The one definition of the offset index: pack stores it in the manifest (`offsets` per shard) and the
+    loader rebuilds it for manifests without one. tarfile's random-access mode seeks over member data, so
+    only the 512-byte headers are read.
+    """
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    offsets, last = [], None
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            name = member.name
+            if not member.isreg() or _META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+                continue
+            key, _ = base_plus_ext(name)
+            if key is not None and key != last:
+                offsets.append(member.offset)
+                last = key
+    return offsets
+
+
+class _Counted:
+    """A read-only stream that reports the bytes it hands out (bytes read per epoch, see the loader bench)."""
+
+    def __init__(self, raw, on_read: Callable[[int], None]):
+        self.raw, self.on_read = raw, on_read
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.on_read(len(data))
+        return data
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def iter_tar(
+    url: str,
+    skip: int = 0,
+    take: int | None = None,
+    *,
+    offsets: Sequence[int] | None = None,
+    on_read: Callable[[int], None] | None = None,
+) -> Iterator[dict[str, Any]]:
     """Samples number skip .. skip+take-1 of one shard, as {"__key__", "__url__", ext: bytes}.
 
     webdataset's tar_file_iterator + group_by_keys over a gopen stream (tarfile in stream mode, so
-    files and pipes alike); skipped samples are read through (a select_files filter that avoids
-    extracting them saved only 4%), and reading stops once `take` samples are out. A corrupt first header or a cut inside a
-    member raises tarfile.ReadError, but tarfile takes a corrupt later header, or a cut between
-    members, for the end of the archive: the shard just ends early, so callers check the count
-    against the manifest (:func:`_read_segments`).
+    files and pipes alike). With `offsets` (:func:`sample_offsets`) a local shard is opened at sample
+    `skip`'s header, so nothing before it is read; a stream (pipe:, http) reads through the skipped
+    samples. Reading stops once `take` samples are out; `on_read(n)` sees every chunk read.
+    A corrupt first header or a cut inside a member raises tarfile.ReadError, but tarfile takes a
+    corrupt later header, or a cut between members, for the end of the archive: the shard just ends
+    early, so callers check the count against the manifest (`data._read_segments`).
     """
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-    stream = _open(url)
+    path = local_path(url)
+    start = 0
+    if path is not None and offsets is not None and 0 < skip < len(offsets):
+        start, skip = offsets[skip], 0
+    stream = open(path, "rb") if path is not None else _open(url)
     finished = False
     try:
-        samples = group_by_keys({**f, "__url__": url} for f in tar_file_iterator(stream))
+        if start:
+            stream.seek(start)
+        source = _Counted(stream, on_read) if on_read is not None else stream
+        samples = group_by_keys({**f, "__url__": url} for f in tar_file_iterator(source))
         got = 0
         for sample in islice(samples, skip, None if take is None else skip + take):
             got += 1

@@ -13,16 +13,14 @@ from chexdist.bench import SUITES, run_suite
 from chexdist.errors import ChexdistError
 
 
-KEYS = {
-    "bench", "format", "ours_img_s", "baseline_img_s", "ratio", "workers", "images", "batch_size",
-    "ours_cpu_ms", "baseline_cpu_ms", "cpu_ratio",
-    "decode_only_img_s", "decode_only_cpu_ms", "stream_1proc_img_s", "stream_1proc_cpu_ms",
-    "stream_overhead", "shard_px", "shard_bytes", "cpus",
-}
-POSITIVE = KEYS - {"bench", "format", "stream_overhead", "cpus"}
+COMMON = {"bench", "format", "workers", "images", "batch_size", "ours_px", "image_size", "shard_bytes", "cpus", "comparison",
+          "ours_img_s", "baseline_img_s", "ratio", "ours_cpu_ms", "baseline_cpu_ms", "cpu_ratio", "baseline_px", "baseline_format"}
+STREAM = {"decode_only_img_s", "decode_only_cpu_ms", "stream_1proc_img_s", "stream_1proc_cpu_ms", "stream_overhead", "pipeline_overhead",
+          "ours_steady_cpu_ms", "baseline_steady_cpu_ms", "pipeline_overhead_steady"}
+POSITIVE = {"ours_img_s", "baseline_img_s", "ratio", "ours_cpu_ms", "baseline_cpu_ms", "cpu_ratio", "shard_bytes"}
 
 
-def test_loader_bench_prints_one_json_line_per_format(tmp_path):
+def test_loader_bench_prints_two_comparisons_per_format(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     for i in range(3):
@@ -32,12 +30,32 @@ def test_loader_bench_prints_one_json_line_per_format(tmp_path):
     results = run_suite("loader", out=out, images=images, count=10, workers=1, batch_size=4, size=32,
                         image_size=16, eval_resize=20, repeats=1, work_dir=tmp_path)
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert lines == results and [r["format"] for r in lines] == ["png", "jpg"]
+    assert lines == results
+    assert [(r["format"], r["comparison"]) for r in lines] == [
+        (f, c) for f in ("png", "jpg") for c in ("packed (pre-resized) vs raw files", "stream vs same-resolution files")
+    ]
     for r in lines:
-        assert set(r) == KEYS and r["bench"] == "loader" and r["images"] == 10 and r["workers"] == 1
+        same_res = r["comparison"].startswith("stream")
+        assert set(r) == COMMON | (STREAM if same_res else set()) and r["images"] == 10 and r["workers"] == 1
         assert all(isinstance(r[k], (int, float)) and r[k] > 0 for k in POSITIVE), r
-        assert r["stream_overhead"] > -1
+        assert r["ours_px"] == 32 and r["baseline_px"] == ([32] if same_res else [48])
+        assert r["baseline_format"] == ([r["format"]] if same_res else ["png"])
+        if same_res:
+            assert r["stream_overhead"] > -1 and r["pipeline_overhead"] > -1 and r["decode_only_cpu_ms"] > 0
+            assert r["ours_steady_cpu_ms"] > 0 and r["baseline_steady_cpu_ms"] > 0
     assert list(tmp_path.iterdir()) == [images]
+
+
+def test_resume_and_reads_benches():
+    from tests.conftest import REAL_IMAGES
+
+    resume = run_suite("resume", out=io.StringIO(), images=REAL_IMAGES, count=24, batch_size=4, size=64, repeats=1)
+    assert [r["start_batch"] for r in resume] == [0, 5] and all(r["num_batches"] == 6 for r in resume)
+    assert all(r["before_s"] > 0 and r["after_s"] > 0 for r in resume)
+    local, stream = run_suite("reads", out=io.StringIO(), ranks=2, workers=2, shards=5, count=40)
+    assert local["source"] == "local" and stream["source"] == "stream" and local["dataset_bytes"] == stream["dataset_bytes"]
+    assert 0 < local["bytes_read"] < stream["bytes_read"]
+    assert local["read_ratio"] == round(local["bytes_read"] / local["dataset_bytes"], 3)
 
 
 def test_bench_refuses_bad_input(tmp_path):
@@ -63,9 +81,11 @@ def test_pack_and_train_benches_through_the_cli(tmp_path):
         (line,) = result.stdout.splitlines()
         return json.loads(line)
 
-    pack = bench("pack", "--images", str(REAL_IMAGES), "--count", "8", "--workers", "2", "--size", "64")
-    assert pack["bench"] == "pack" and pack["images"] == 8 and pack["workers"] == 2
+    pack = bench("pack", "--images", str(REAL_IMAGES), "--count", "8", "--workers", "2", "--size", "64", "--repeats", "2")
+    assert pack["bench"] == "pack" and pack["images"] == 8 and pack["workers"] == 2 and pack["repeats"] == 2
     assert pack["ratio"] == pytest.approx(pack["workers_2_img_s"] / pack["workers_1_img_s"], rel=0.01)
+    assert len(pack["ratio_runs"]) == 2 and all(r > 0 for r in pack["ratio_runs"])
+    assert pack["workers_1_cpu_ms"] > 0 and 0 < pack["workers_2_main_cpu_ms"] < pack["workers_2_cpu_ms"]
     train = bench("train", "--model", "test_resnet", "--image-size", "32", "--batch-size", "4", "--steps", "3", "--repeats", "1")
     assert train["bench"] == "train" and train["device"] == "cpu" and train["precision"] == "no"
     assert train["engine_img_s"] > 0 and train["bare_img_s"] > 0

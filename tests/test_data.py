@@ -425,3 +425,168 @@ def test_two_real_ranks_neither_hang_nor_duplicate(uneven, tmp_path):
     result = json.loads(out.read_text())
     assert sorted(result["indices"]) == list(range(len(uneven[1]["train"])))
     assert result["steps"] == -(-len(uneven[1]["train"]) // 8)
+
+
+# ---------------------------------------------------------------- start at any batch, seeds, seeks, persistent workers
+
+
+def batches_of(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def same_batches(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(a, b))
+
+
+class Counted(torch.nn.Module):
+    """Counts the images it sees (main process only: num_workers=0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return image
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # 3 workers on 2 cores on purpose
+@pytest.mark.parametrize("num_workers,world_size,rank", [(0, 1, 0), (2, 2, 1), (3, 1, 0)])
+def test_train_start_batch_equals_the_rest_of_an_uninterrupted_pass(uneven, num_workers, world_size, rank):
+    root, _ = uneven
+    args = (root, 2, AUGMENT, num_workers, world_size, rank)
+    full = batches_of(build_train_loader(*args, seed=4, epoch=1, shuffle_buffer=6)[0])
+    n = len(full)
+    for k in sorted({1, 2, n // 2, n - 1, n}):
+        loader, num_batches = build_train_loader(*args, seed=4, epoch=1, shuffle_buffer=6, start_batch=k)
+        assert num_batches == n and len(loader) == n - k
+        assert same_batches(batches_of(loader), full[k:]), k
+
+
+def test_train_start_batch_decodes_nothing_it_skips(uneven):
+    root, _ = uneven
+    counter = Counted()
+    transform = build_transform("strong", image_size=8, eval_resize=10, train=True)
+    transform.transforms.insert(0, counter)
+    loader, n = build_train_loader(root, 3, transform, 0, 1, 0, seed=0, epoch=0, start_batch=5)
+    assert len(batches_of(loader)) == n - 5
+    assert counter.calls == (n - 5) * 3
+
+
+class Draws(torch.nn.Module):
+    """Replaces the image with one draw each from Python's, NumPy's and torch's global generators."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        import random
+
+        return torch.tensor([random.random(), np.random.random(), torch.rand(()).item()], dtype=torch.float64)
+
+
+def test_train_python_and_numpy_generators_differ_by_epoch_rank_worker_and_batch(uneven):
+    """Every augmentation generator is seeded per (seed, epoch, rank, worker, batch), not once per worker from a constant."""
+    root, _ = uneven
+    transform = build_transform("none", image_size=8, eval_resize=10, train=False)
+    transform.transforms.append(Draws())
+
+    def draws(epoch: int, rank: int, workers: int) -> list[tuple[float, ...]]:
+        loader, _ = build_train_loader(root, 2, transform, workers, 2, rank, seed=3, epoch=epoch)
+        return [tuple(x[0].tolist()) for x, _ in loader]
+
+    runs = {(e, r): draws(e, r, 2) for e in (0, 1) for r in (0, 1)}
+    firsts = [run[i] for run in runs.values() for i in range(2)]  # both workers' first batches
+    for column in range(3):
+        values = [f[column] for f in firsts]
+        assert len(set(values)) == len(values), f"generator {column} repeats across epochs, ranks or workers"
+    assert draws(1, 1, 2) == runs[1, 1]
+
+
+def test_sample_offsets_open_a_shard_at_any_sample(uneven, tmp_path):
+    from chexdist.shardformat import sample_offsets
+
+    root, keys = uneven
+    url = str(root / "train-000002.tar")
+    offsets = sample_offsets(url)
+    assert len(offsets) == 12 and offsets[0] == 0
+    read = {"seek": 0, "through": 0}
+
+    def counter(name):
+        def add(n):
+            read[name] += n
+        return add
+
+    seek = [s["__key__"] for s in iter_tar(url, 10, 1, offsets=offsets, on_read=counter("seek"))]
+    through = [s["__key__"] for s in iter_tar(url, 10, 1, on_read=counter("through"))]
+    assert seek == through == keys["train"][20:21]
+    assert read["through"] >= offsets[10] > read["seek"] > 0
+    template = f"pipe:cat {root}/{{name}}"
+    assert [s["__key__"] for s in iter_tar(template.format(name="train-000002.tar"), 10, 1, offsets=offsets)] == seek
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_sample_offsets_with_long_names(tmp_path, fmt):
+    from chexdist.shardformat import sample_offsets
+
+    deep = "d" * 90 + "/" + "e" * 60
+    path = tmp_path / "x.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for key in ("a", f"{deep}/b", "c"):
+            for ext in ("json", "png"):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = 3
+                tar.addfile(info, io.BytesIO(b"abc"))
+    offsets = sample_offsets(path)
+    for i, key in enumerate(["a", f"{deep}/b", "c"]):
+        assert [s["__key__"] for s in iter_tar(str(path), i, 1, offsets=offsets)] == [key]
+
+
+def test_local_readers_skip_prefixes_that_streams_reread(uneven):
+    """One epoch on 3 ranks x 2 workers: the same batches from a folder and a pipe: template, but
+    the folder's readers seek to their first sample while the streams read every prefix again."""
+    root, _ = uneven
+    dataset = sum((root / f"train-00000{i}.tar").stat().st_size for i in range(4))
+    read, got = {}, {}
+    for where in (root, f"pipe:cat {root}/{{name}}"):
+        read[str(where)], got[str(where)] = 0, []
+        for rank in range(3):
+            loader, _ = build_train_loader(where, 2, EVAL, 2, 3, rank, seed=1, epoch=0)
+            got[str(where)] += batches_of(loader)
+            read[str(where)] += loader.bytes_read
+    local, stream = read[str(root)], read[f"pipe:cat {root}/{{name}}"]
+    assert same_batches(got[str(root)], got[f"pipe:cat {root}/{{name}}"])
+    assert 0 < local < stream and local < 2 * dataset
+
+
+def test_persistent_workers_follow_set_epoch(uneven):
+    import os
+
+    root, _ = uneven
+    transform = build_transform("strong", image_size=8, eval_resize=10, train=True)
+    loader, n = build_train_loader(root, 3, transform, 2, 1, 0, seed=2, epoch=0, persistent_workers=True, normalize_in_loader=False)
+    assert loader.loader.persistent_workers
+    for epoch, start in ((0, 0), (1, 0), (1, 3), (2, 0)):
+        loader.set_epoch(epoch, start)
+        fresh, _ = build_train_loader(root, 3, transform, 2, 1, 0, seed=2, epoch=epoch, start_batch=start, normalize_in_loader=False)
+        assert same_batches(batches_of(loader), batches_of(fresh)), (epoch, start)
+    pids = set()
+    probe = build_transform("none", image_size=8, eval_resize=10, train=False)
+    probe.transforms.append(Pid())
+    pid_loader, _ = build_train_loader(root, 3, probe, 2, 1, 0, seed=2, epoch=0, persistent_workers=True)
+    for epoch in range(3):
+        pid_loader.set_epoch(epoch)
+        pids |= {int(x[0, 0, 0, 0]) for x, _ in pid_loader}
+    assert len(pids) == 2 and os.getpid() not in pids
+    with pytest.raises(ChexdistError, match="start_batch"):
+        loader.set_epoch(0, n + 1)
+
+
+class Pid(torch.nn.Module):
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        import os
+
+        return torch.full_like(image, float(os.getpid()))
+
+
+def test_eval_loader_repeats_its_pass_with_persistent_workers(uneven):
+    loader, _ = build_eval_loader(uneven[0], "val", 2, EVAL, 2, 2, 0, persistent_workers=True)
+    first, second = list(loader), list(loader)
+    assert len(first) == len(second) and all(torch.equal(a.images, b.images) and torch.equal(a.index, b.index) for a, b in zip(first, second))

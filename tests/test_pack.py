@@ -62,6 +62,11 @@ def test_synth_pack_verify_round_trip(synth_root, synth_shards):
         assert list(info["positives"].values()) == np.sum([m["labels"] for m in mine], axis=0).tolist()
     assert manifest["errors"] == 0 and manifest["labels"] == list(LABELS)
     assert manifest["source"]["csv"] == "Data_Entry_2017.csv"
+    for info in manifest["splits"].values():
+        for entry in info["shards"]:
+            with tarfile.open(synth_shards / entry["name"]) as tar:
+                firsts = [m.offset for m in tar if m.name.endswith(".json")]  # pack writes json first
+            assert entry["offsets"] == firsts and len(firsts) == entry["samples"]
     report = verify_shards(synth_shards)
     assert report["ok"], report["problems"]
     assert report["samples"] == len(table)
@@ -145,6 +150,10 @@ def test_verify_detects_tampering(synth_shards, tmp_path):
     assert not report["ok"] and any("sha256 differs" in p for p in report["problems"])
     result = run_cli("shards", "verify", str(copy))
     assert result.returncode == 1 and "FAIL" in result.stdout
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["splits"]["val"]["shards"][0]["offsets"][1] += 512
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert any("sample offsets do not match" in p for p in verify_shards(copy)["problems"])
 
 
 @pytest.fixture(scope="module")
