@@ -185,6 +185,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from chexdist.tuning import run_search
+
+    return run_search(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chexdist", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"chexdist {__version__}")
@@ -246,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="train: optimizer steps per timed run")
     p.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"), help="train: autocast dtype")
     p.set_defaults(func=cmd_bench)
+
+    from chexdist.tuning import add_tune_arguments
+
+    p = sub.add_parser("tune", help="Ray Tune search over loss, optimizer, augmentation (each trial runs the engine)")
+    add_tune_arguments(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", help="synthetic data -> shards -> 2-process DDP training -> per-class AUROC")
     p.add_argument("--out", default="chexdist-demo", help="demo folder (replaced if an earlier demo made it)")
