@@ -44,7 +44,8 @@ from chexdist.io import atomic_write_text
 log = logging.getLogger("chexdist")
 
 METRIC = "val_auc_mean"
-SPACES_DIR = Path(__file__).resolve().parents[1] / "tune" / "spaces"
+# tune/spaces/ of a checkout, then where `pip install` puts them (pyproject data-files)
+SPACES_DIRS = (Path(__file__).resolve().parents[1] / "tune" / "spaces", Path(sys.prefix) / "share" / "chexdist" / "tune" / "spaces")
 RUN_DIR = "run"  # the trial's chexdist run folder, inside its trial folder
 STATE_FILE = "tune_state.json"  # in a trial checkpoint: the trial's parameters and epoch offset
 INIT_WEIGHTS = "pbt-init.safetensors"  # donor weights a PBT-exploited trial starts from
@@ -108,6 +109,17 @@ class SearchSpace:
             if all(sampled.get(k) in allowed for k, allowed in p.when.items()):
                 chosen[key] = sampled[key]
         return chosen
+
+
+def space_path(space: str) -> Path:
+    """A space YAML path, or the name of a shipped space (default, tiny)."""
+    if Path(space).is_file() or space.endswith((".yaml", ".yml")) or "/" in space:
+        return Path(space)
+    for folder in SPACES_DIRS:
+        if (folder / f"{space}.yaml").is_file():
+            return folder / f"{space}.yaml"
+    shipped = sorted({p.stem for folder in SPACES_DIRS if folder.is_dir() for p in folder.glob("*.yaml")})
+    raise ChexdistError(f"--space {space}: no such file or shipped space; shipped: {', '.join(shipped) or 'none found'}")
 
 
 def load_space(path: str | os.PathLike, base: Config) -> SearchSpace:
@@ -255,7 +267,7 @@ def _staged_checkpoint(run: Path, state: dict[str, Any]) -> Iterator[Path]:
                 _link_or_copy(run / name, stage / name)
         latest = list_checkpoints(run)[-1]
         shutil.copytree(latest, stage / "checkpoints" / latest.name, copy_function=_link_or_copy)
-        (stage / STATE_FILE).write_text(json.dumps(state))
+        (stage / STATE_FILE).write_text(json.dumps(state))  # a copy: the run folder's own may be rewritten
         yield stage
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -298,7 +310,6 @@ def materialize_restore(checkpoint_dir: Path, run: Path, config: Config, resume:
         shutil.rmtree(run)
     if resume:
         shutil.copytree(checkpoint_dir, run)
-        (run / STATE_FILE).unlink()
         from chexdist.config import save_config
 
         save_config(config, run / "config.yaml")
@@ -326,6 +337,12 @@ def _fit_trial(config: Config, overrides: dict[str, Any], run: Path, checkpoint,
             barrier()
         if not resume and offset >= total:
             return
+    elif (found := _left_behind(run, config, overrides)) is not None:
+        config, resume, offset = found
+    elif is_main and run.exists():
+        run.rename(run.with_name(f"{run.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if barrier is not None:
+        barrier()
     state = {"params": overrides, "epoch_offset": offset}
 
     def report(record: dict[str, Any]) -> None:
@@ -336,7 +353,24 @@ def _fit_trial(config: Config, overrides: dict[str, Any], run: Path, checkpoint,
         else:
             report_to(metrics, checkpoint=None)
 
+    if is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / STATE_FILE, json.dumps(state))
     fit(config, run, resume=resume or None, report=report, accelerator=accelerator, progress=False)
+
+
+def _left_behind(run: Path, config: Config, overrides: dict[str, Any]) -> tuple[Config, bool, int] | None:
+    """A trial Ray restarts without a checkpoint (the search was killed before Ray recorded one) finds
+    its own run folder: continue it exactly from the engine's checkpoint instead of redoing epochs."""
+    from chexdist.engine import list_checkpoints
+
+    if not (run / STATE_FILE).is_file() or not list_checkpoints(run):
+        return None
+    state = json.loads((run / STATE_FILE).read_text())
+    if state["params"] != overrides:
+        return None
+    saved = config_from_dict(load_yaml(run / "config.yaml", "trial config"))
+    return apply_overrides(saved, {"data.shards": config.data.shards, "data.num_workers": config.data.num_workers}), True, state["epoch_offset"]
 
 
 def run_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
@@ -410,7 +444,7 @@ def accelerator_for_ray_train(config: Config):
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `chexdist tune` and `python tune/search.py` (documented in the README)."""
     g = parser.add_argument_group("search")
-    g.add_argument("--space", default=str(SPACES_DIR / "default.yaml"), help="search space YAML (tune/spaces/*.yaml)")
+    g.add_argument("--space", default="default", help="search space YAML, or a shipped space: default, tiny (tune/spaces/)")
     g.add_argument("--recipe", default="dannynet", help="recipe every trial starts from (name or YAML path)")
     g.add_argument("--config", default=None, help="YAML file applied over the recipe")
     g.add_argument("--shards", required=True, help="shard folder or URL every Ray node can read (sets data.shards)")
@@ -458,7 +492,7 @@ def plan_search(args: argparse.Namespace) -> SearchPlan:
     if args.max_epochs is not None:
         overrides.append(f"train.epochs={args.max_epochs}")
     config = load_config(args.recipe, args.config, overrides)
-    space = load_space(args.space, config)
+    space = load_space(space_path(args.space), config)
     for flag, value, low in (("--trials", args.trials, 1), ("--workers-per-trial", args.workers_per_trial, 1),
                              ("--grace-epochs", args.grace_epochs, 1), ("--perturb-epochs", args.perturb_epochs, 1),
                              ("--max-failures", args.max_failures, 0), ("--max-concurrent", args.max_concurrent, 0)):
@@ -517,11 +551,11 @@ def _scheduler(args: argparse.Namespace, plan: SearchPlan):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     if args.scheduler == "asha":
-        return ASHAScheduler(time_attr="training_iteration", max_t=plan.config.train.epochs,
+        return ASHAScheduler(time_attr="epoch", max_t=plan.config.train.epochs,
                              grace_period=min(args.grace_epochs, plan.config.train.epochs), reduction_factor=2)
     if args.scheduler == "pbt":
         return PopulationBasedTraining(
-            time_attr="training_iteration",
+            time_attr="epoch",
             perturbation_interval=args.perturb_epochs,
             hyperparam_mutations={k: plan.space.params[k].domain() for k in plan.pbt_keys},
             quantile_fraction=0.25,
@@ -574,7 +608,8 @@ def run_search(args: argparse.Namespace) -> int:
                     storage_path=plan.experiment_dir.rsplit("/", 1)[0],
                     stop={"time_total_s": args.trial_time} if args.trial_time else None,
                     failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2 if args.scheduler == "pbt" else 1),
+                    # PBT clones other trials' checkpoints; Ray's pruning then deletes ones still in use
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None if args.scheduler == "pbt" else 1),
                     progress_reporter=_reporter(plan),
                     verbose=1,
                 ),
