@@ -347,7 +347,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-SUITES: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {"loader": loader_suite, "pack": pack_suite, "train": train_suite}
+def tune_suite(**options: Any) -> Iterator[dict[str, Any]]:
+    from chexdist.tuning import tune_suite as suite  # Ray is imported only when this suite runs
+
+    return suite(**options)
+
+
+SUITES: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {"loader": loader_suite, "pack": pack_suite, "train": train_suite, "tune": tune_suite}
 
 
 def run_suite(name: str, out=sys.stdout, **options: Any) -> list[dict[str, Any]]:

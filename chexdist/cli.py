@@ -176,6 +176,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "loader":
         options = dict(images=args.images, count=args.count or 1024, workers=args.workers, batch_size=args.batch_size or 32,
                        repeats=args.repeats or 2, formats=tuple(args.formats.split(",")))
+    elif args.suite == "tune":
+        options = dict(shards=args.shards, epochs=args.epochs, max_batches=args.steps)
     elif args.suite == "pack":
         options = dict(images=args.images, count=args.count or 64, workers=args.workers, size=args.size, fmt=args.formats.split(",")[0])
     else:
@@ -239,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="performance suites; one JSON line per result, ratios measured in one run")
-    p.add_argument("suite", choices=("loader", "pack", "train"))
+    p.add_argument("suite", choices=("loader", "pack", "train", "tune"))
     p.add_argument("--images", help="loader/pack: folder of real PNGs (cycled to --count)")
     p.add_argument("--count", type=int, default=0, help="images to use (loader 1024, pack 64)")
     p.add_argument("--workers", type=int, default=2, help="loader: DataLoader workers; pack: processes vs 1")
@@ -251,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=128, help="train: input side")
     p.add_argument("--steps", type=int, default=20, help="train: optimizer steps per timed run")
     p.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"), help="train: autocast dtype")
+    p.add_argument("--shards", default=None, help="tune: shard folder (default: synthetic shards made for the run)")
+    p.add_argument("--epochs", type=int, default=2, help="tune: epochs per run (--steps caps batches per epoch)")
     p.set_defaults(func=cmd_bench)
 
     from chexdist.tuning import add_tune_arguments

@@ -537,14 +537,17 @@ def _require(module: str, what: str) -> None:
         raise ChexdistError(f"{what} needs {module}; install the tune extra: pip install 'chexdist[tune]'")
 
 
-def _searcher(args: argparse.Namespace, plan: SearchPlan):
-    from ray.tune.search import BasicVariantGenerator
+def _searcher(args: argparse.Namespace, plan: SearchPlan, limit: int | None):
+    """Random search limits concurrency itself (Tune ignores max_concurrent_trials for it); Optuna is
+    wrapped in a ConcurrencyLimiter."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     if args.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=args.seed)
-    return BasicVariantGenerator(random_state=args.seed)
+        searcher = OptunaSearch(seed=args.seed)
+        return ConcurrencyLimiter(searcher, max_concurrent=limit) if limit else searcher
+    return BasicVariantGenerator(random_state=args.seed, max_concurrent=limit or 0)
 
 
 def _scheduler(args: argparse.Namespace, plan: SearchPlan):
@@ -569,6 +572,7 @@ def ray_init(address: str | None, **kwargs: Any) -> None:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter: our compact columns, not every metric
     ray.init(address=address, include_dashboard=False, log_to_driver=True, **kwargs)
 
 
@@ -576,45 +580,10 @@ def run_search(args: argparse.Namespace) -> int:
     """`chexdist tune`: plan (refusing bad input), start/join Ray, run or restore the Tuner, write outputs."""
     plan = plan_search(args)
     import ray
-    from ray import tune
 
     ray_init(args.address)
     try:
-        setup = TrialSetup(config_to_dict(plan.config), plan.space, plan.experiment_dir, args.workers_per_trial,
-                           args.cpus_per_trial, plan.gpus, args.max_failures)
-        trainable = tune.with_parameters(run_trial, setup=setup)
-        if args.workers_per_trial > 1:
-            trainable = tune.with_resources(trainable, DRIVER_RESOURCES)
-        else:
-            trainable = tune.with_resources(trainable, {"cpu": args.cpus_per_trial, "gpu": plan.gpus})
-        if args.resume:
-            tuner = tune.Tuner.restore(plan.experiment_dir, trainable=trainable, resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=plan.space.ray_space(),
-                tune_config=tune.TuneConfig(
-                    metric=METRIC,
-                    mode="max",
-                    num_samples=args.trials,
-                    search_alg=_searcher(args, plan),
-                    scheduler=_scheduler(args, plan),
-                    time_budget_s=args.time_budget,
-                    max_concurrent_trials=args.max_concurrent or _concurrency(args, plan),
-                    reuse_actors=not args.no_reuse_actors and args.workers_per_trial == 1,
-                ),
-                run_config=tune.RunConfig(
-                    name=plan.name,
-                    storage_path=plan.experiment_dir.rsplit("/", 1)[0],
-                    stop={"time_total_s": args.trial_time} if args.trial_time else None,
-                    failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                    # PBT clones other trials' checkpoints; Ray's pruning then deletes ones still in use
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None if args.scheduler == "pbt" else 1),
-                    progress_reporter=_reporter(plan),
-                    verbose=1,
-                ),
-            )
-        grid = tuner.fit()
+        grid = build_tuner(args, plan).fit()
         summary = write_outputs(grid, plan)
     finally:
         ray.shutdown()
@@ -623,6 +592,44 @@ def run_search(args: argparse.Namespace) -> int:
     if summary["best_recipe"]:
         print(f"best config: {summary['best_recipe']} (train it: chexdist train --recipe {summary['best_recipe']} --out runs/best)")
     return 0 if summary["best_recipe"] else 1
+
+
+def build_tuner(args: argparse.Namespace, plan: SearchPlan):
+    """The Tuner of a planned search (Ray must be running), or the restored one with --resume."""
+    from ray import tune
+
+    setup = TrialSetup(config_to_dict(plan.config), plan.space, plan.experiment_dir, args.workers_per_trial,
+                       args.cpus_per_trial, plan.gpus, args.max_failures)
+    trainable = tune.with_parameters(run_trial, setup=setup)
+    if args.workers_per_trial > 1:
+        trainable = tune.with_resources(trainable, DRIVER_RESOURCES)
+    else:
+        trainable = tune.with_resources(trainable, {"cpu": args.cpus_per_trial, "gpu": plan.gpus})
+    if args.resume:
+        return tune.Tuner.restore(plan.experiment_dir, trainable=trainable, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space=plan.space.ray_space(),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            num_samples=args.trials,
+            search_alg=_searcher(args, plan, args.max_concurrent or _concurrency(args, plan)),
+            scheduler=_scheduler(args, plan),
+            time_budget_s=args.time_budget,
+            reuse_actors=not args.no_reuse_actors and args.workers_per_trial == 1,
+        ),
+        run_config=tune.RunConfig(
+            name=plan.name,
+            storage_path=plan.experiment_dir.rsplit("/", 1)[0],
+            stop={"time_total_s": args.trial_time} if args.trial_time else None,
+            failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            # PBT clones other trials' checkpoints; Ray's pruning then deletes ones still in use
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None if args.scheduler == "pbt" else 1),
+            progress_reporter=_reporter(plan),
+            verbose=1,
+        ),
+    )
 
 
 def _reporter(plan: SearchPlan):
@@ -774,3 +781,106 @@ def main(argv: list[str] | None = None) -> int:
     from chexdist.cli import main as cli_main
 
     return cli_main(["tune", *(sys.argv[1:] if argv is None else argv)])
+
+
+# ------------------------------------------------------------------------------------------- bench
+
+
+def tune_suite(shards: str | None = None, epochs: int = 2, max_batches: int = 20, **_: Any) -> Iterator[dict[str, Any]]:
+    """`chexdist bench tune`: (1) trials vs `engine.fit` of the same config in this process: two
+    identical trials one after the other in one reused worker (the first pays the worker's start and
+    imports, the second is the steady state); (2) a 2-worker TorchTrainer trial vs `chexdist train
+    --nproc 2`. Ray start-up is timed apart and excluded. Ray's and the engine's console output go to
+    stderr so stdout holds only the JSON lines."""
+    import subprocess
+
+    import ray
+
+    from chexdist.cli import launch_command
+    from chexdist.engine import fit
+
+    with tempfile.TemporaryDirectory(prefix="chexdist-bench-tune-") as tmp, contextlib.redirect_stdout(sys.stderr):
+        root = Path(tmp)
+        shards = shards or _bench_shards(root)
+        fixed = [f"train.epochs={epochs}", f"data.max_train_batches={max_batches}", "eval.bootstrap=0"]
+        config = load_config("tiny", overrides=[f"data.shards={shards}", *fixed])
+        space = root / "space.yaml"
+        space.write_text(f"optim.lr: {{grid: [{config.optim.lr}, {config.optim.lr}]}}\n")  # the plain run's config, twice
+
+        started = time.perf_counter()
+        fit(config, root / "plain", progress=False)
+        plain_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        ray_init(None)
+        ray_start_s = time.perf_counter() - started
+        try:
+            one = _timed_search(root, space, shards, fixed, "one", workers=1)
+            ddp = _timed_search(root, space.with_name("ddp.yaml"), shards, fixed, "ddp", workers=2, lr=config.optim.lr)
+        finally:
+            ray.shutdown()
+        argv = ["--recipe", "tiny", "--shards", str(shards), "--out", str(root / "nproc2"), "--no-progress",
+                *[a for s in fixed for a in ("--set", s)]]
+        cmd, env = launch_command(2, argv, cpu=True)
+        started = time.perf_counter()
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        nproc_s = time.perf_counter() - started
+        if done.returncode:
+            raise ChexdistError(f"bench tune: chexdist train --nproc 2 failed: {done.stderr.strip().splitlines()[-1:]}")
+        images, ddp_images = _run_images(root / "plain", config), _run_images(root / "nproc2", config)
+        plain_loop_s, nproc_loop_s = _loop_seconds(root / "plain"), _loop_seconds(root / "nproc2")
+    cold, warm = one["trial_s"]
+    yield {"bench": "tune", "case": "trial_overhead", "epochs": epochs, "train_images": images, "plain_fit_s": round(plain_s, 2),
+           "trial_warm_s": round(warm, 2), "trial_cold_s": round(cold, 2), "overhead_warm_s": round(warm - plain_s, 2),
+           "overhead_cold_s": round(cold - plain_s, 2), "ratio": round(plain_s / warm, 3), "ratio_cold": round(plain_s / cold, 3),
+           "tuner_fit_s": round(one["wall_s"], 2), "ray_start_s": round(ray_start_s, 2),
+           "plain_loop_s": plain_loop_s, "trial_loop_s": one["loop_s"][-1]}
+    (ddp_s,) = ddp["trial_s"]
+    yield {"bench": "tune", "case": "ddp2_trial", "epochs": epochs, "workers": 2, "train_images": ddp_images,
+           "trial_img_s": round(ddp_images / ddp_s, 2), "train_nproc2_img_s": round(ddp_images / nproc_s, 2),
+           "ratio": round(nproc_s / ddp_s, 3), "trial_s": round(ddp_s, 2), "train_nproc2_s": round(nproc_s, 2),
+           "trial_loop_s": ddp["loop_s"][-1], "train_nproc2_loop_s": nproc_loop_s}
+
+
+def _bench_shards(root: Path) -> str:
+    from chexdist.pack import PackSettings, pack_dataset
+    from chexdist.synth import make_synthetic_nih
+
+    make_synthetic_nih(root / "nih", images=600, size=96, seed=0)
+    pack_dataset(root / "nih", root / "shards", PackSettings(split="official", size=72, shard_size=128), workers=1, progress=False)
+    return str(root / "shards")
+
+
+def _run_images(run: Path, config: Config) -> int:
+    """Training images a finished run consumed: optimizer steps x batch x processes (no accumulation)."""
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    return last["step"] * config.data.batch_size * config.train.grad_accum * last["world_size"]
+
+
+def _timed_search(root: Path, space: Path, shards: str, fixed: list[str], name: str, workers: int,
+                  lr: float | None = None) -> dict[str, Any]:
+    """Run a search of `space` (one trial at a time); per trial its wall time inside Ray and loop time."""
+    if lr is not None:
+        space.write_text(f"optim.lr: {{choice: [{lr}]}}\n")
+    parser = argparse.ArgumentParser()
+    add_tune_arguments(parser)
+    argv = ["--space", str(space), "--recipe", "tiny", "--shards", str(shards), "--storage", str(root / "tune"), "--name", name,
+            "--trials", "1", "--scheduler", "fifo", "--max-concurrent", "1", "--workers-per-trial", str(workers),
+            *[a for s in fixed for a in ("--set", s)]]
+    args = parser.parse_args(argv)
+    plan = plan_search(args)
+    started = time.perf_counter()
+    grid = build_tuner(args, plan).fit()
+    wall = time.perf_counter() - started
+    results = sorted(grid, key=lambda r: Path(r.path).name)
+    for result in results:
+        if result.error is not None:
+            raise ChexdistError(f"bench tune: a {name} trial failed: {_error_line(result.error)}")
+    return {"wall_s": wall, "trial_s": [float(r.metrics_dataframe["time_total_s"].max()) for r in results],
+            "loop_s": [_loop_seconds(Path(r.path) / RUN_DIR) for r in results]}
+
+
+def _loop_seconds(run: Path) -> float:
+    """Training-loop seconds summed over the run's epochs (metrics.jsonl `seconds`)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return round(sum(r["seconds"] for r in records), 3)
