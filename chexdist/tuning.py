@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import sys
@@ -39,7 +40,7 @@ from chexdist.config import (
     load_yaml,
 )
 from chexdist.errors import ChexdistError
-from chexdist.io import atomic_write_text
+from chexdist.io import append_jsonl, atomic_write_text
 
 log = logging.getLogger("chexdist")
 
@@ -47,6 +48,7 @@ METRIC = "val_auc_mean"
 # tune/spaces/ of a checkout, then where `pip install` puts them (pyproject data-files)
 SPACES_DIRS = (Path(__file__).resolve().parents[1] / "tune" / "spaces", Path(sys.prefix) / "share" / "chexdist" / "tune" / "spaces")
 RUN_DIR = "run"  # the trial's chexdist run folder, inside its trial folder
+HISTORY_FILE = "epochs.jsonl"  # in the trial folder: every epoch the trial reported (our record, not Ray's)
 STATE_FILE = "tune_state.json"  # in a trial checkpoint: the trial's parameters and epoch offset
 INIT_WEIGHTS = "pbt-init.safetensors"  # donor weights a PBT-exploited trial starts from
 PBT_KEYS = ("optim.lr", "aug.brightness", "aug.contrast", "aug.scale_min", "aug.degrees", "aug.translate")
@@ -291,11 +293,10 @@ def plan_restore(checkpoint_dir: Path, run: Path, config: Config, overrides: dic
 
     state = json.loads((checkpoint_dir / STATE_FILE).read_text())
     if state["params"] == overrides:
-        saved = config_from_dict(load_yaml(checkpoint_dir / "config.yaml", "trial config"))
-        keep = {"data.shards": config.data.shards, "data.num_workers": config.data.num_workers}
+        saved = _saved_config(checkpoint_dir, config)
         if saved.model.pretrained:
-            keep["model.pretrained"] = str(run / INIT_WEIGHTS)
-        return apply_overrides(saved, keep), True, state["epoch_offset"]
+            saved = apply_overrides(saved, {"model.pretrained": str(run / INIT_WEIGHTS)})
+        return saved, True, state["epoch_offset"]
     donor = list_checkpoints(checkpoint_dir)[-1]
     done = state["epoch_offset"] + int(donor.name.split("-epoch")[1].split("-")[0])
     left = config.train.epochs - done
@@ -331,12 +332,12 @@ def _fit_trial(config: Config, overrides: dict[str, Any], run: Path, checkpoint,
         total = config.train.epochs
         with checkpoint.as_directory() as d:
             config, resume, offset = plan_restore(Path(d), run, config, overrides)
+            if not resume and offset >= total:
+                return  # PBT cloned a donor that had finished: the trial is that clone, nothing to train
             if is_main:
                 materialize_restore(Path(d), run, config, resume)
         if barrier is not None:
             barrier()
-        if not resume and offset >= total:
-            return
     elif (found := _left_behind(run, config, overrides)) is not None:
         config, resume, offset = found
     elif is_main and run.exists():
@@ -348,6 +349,7 @@ def _fit_trial(config: Config, overrides: dict[str, Any], run: Path, checkpoint,
     def report(record: dict[str, Any]) -> None:
         metrics = _trial_metrics(record, offset)
         if is_main:
+            append_jsonl(run.parent / HISTORY_FILE, metrics)
             with _staged_checkpoint(run, state) as stage:
                 report_to(metrics, checkpoint=Checkpoint.from_directory(str(stage)))
         else:
@@ -369,8 +371,13 @@ def _left_behind(run: Path, config: Config, overrides: dict[str, Any]) -> tuple[
     state = json.loads((run / STATE_FILE).read_text())
     if state["params"] != overrides:
         return None
-    saved = config_from_dict(load_yaml(run / "config.yaml", "trial config"))
-    return apply_overrides(saved, {"data.shards": config.data.shards, "data.num_workers": config.data.num_workers}), True, state["epoch_offset"]
+    return _saved_config(run, config), True, state["epoch_offset"]
+
+
+def _saved_config(folder: Path, config: Config) -> Config:
+    """The config a run folder was trained with, reading the shards where this node sees them."""
+    saved = config_from_dict(load_yaml(folder / "config.yaml", "trial config"))
+    return apply_overrides(saved, {"data.shards": config.data.shards, "data.num_workers": config.data.num_workers})
 
 
 def run_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
@@ -435,7 +442,8 @@ def accelerator_for_ray_train(config: Config):
 
     if not torch.cuda.is_available():
         os.environ["ACCELERATE_USE_CPU"] = "1"
-    return Accelerator(mixed_precision=config.train.precision if config.train.precision != "no" else None, cpu=not torch.cuda.is_available())
+    precision = config.train.precision if config.train.precision != "no" else None
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
 
 # ------------------------------------------------------------------------------------------ search
@@ -562,6 +570,7 @@ def _scheduler(args: argparse.Namespace, plan: SearchPlan):
             perturbation_interval=args.perturb_epochs,
             hyperparam_mutations={k: plan.space.params[k].domain() for k in plan.pbt_keys},
             quantile_fraction=0.25,
+            synch=True,  # every trial reaches the step before any is cloned: no "donor has no checkpoint yet" skips
         )
     return FIFOScheduler()
 
@@ -660,8 +669,8 @@ def write_outputs(grid, plan: SearchPlan) -> dict[str, Any]:
     rows, curves = [], {}
     for result in grid:
         params = result.config or {}
-        history = result.metrics_dataframe
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        history = trial_history(result)
+        trial_id = _trial_id(result)
         row: dict[str, Any] = {"trial": trial_id, "status": None}
         active = plan.space.active(params)
         for key in plan.space.params:
@@ -672,7 +681,7 @@ def write_outputs(grid, plan: SearchPlan) -> dict[str, Any]:
             row.update(best_epoch=int(best["epoch"]), best_val_auc_mean=float(best[METRIC]),
                        best_val_f1_mean=float(best["val_f1_mean"]), best_val_ap_mean=float(best["val_ap_mean"]),
                        best_val_loss=float(best["val_loss"]), epochs=int(history["epoch"].max()),
-                       wall_s=round(float(history["time_total_s"].max()), 2))
+                       wall_s=_wall_seconds(result))
         else:
             row.update(best_epoch=None, best_val_auc_mean=None, best_val_f1_mean=None, best_val_ap_mean=None,
                        best_val_loss=None, epochs=0, wall_s=None)
@@ -695,6 +704,34 @@ def write_outputs(grid, plan: SearchPlan) -> dict[str, Any]:
     text = ok.head(5)[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(ok) else "no trial reported a result"
     return {"table": f"top {min(5, len(ok))} of {len(table)} trial(s) by {METRIC}:\n{text}", "trials": len(table),
             "errors": int((table["status"] == "ERROR").sum()) if len(table) else 0, "best_recipe": best_recipe}
+
+
+def trial_history(result):
+    """One row per epoch the trial reported (the last report of an epoch that was re-run after a
+    restore). Read from the trial's own epochs.jsonl: Ray rewrites its result files when PBT pauses,
+    clones or restores a trial. Ray's dataframe where the trial folder is not local (URL storage)."""
+    import pandas as pd
+
+    path = Path(result.path) / HISTORY_FILE
+    if not path.is_file():
+        return result.metrics_dataframe
+    records = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[record["epoch"]] = record
+    return pd.DataFrame([records[e] for e in sorted(records)])
+
+
+def _trial_id(result) -> str:
+    """From the trial folder's name (`run_trial_<id>_<n>_...`): under PBT a trial's last result carries its donor's id."""
+    found = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(result.path).name)
+    return found.group(1) if found else Path(result.path).name
+
+
+def _wall_seconds(result) -> float | None:
+    seconds = (result.metrics or {}).get("time_total_s")
+    return round(float(seconds), 2) if seconds is not None else None
 
 
 def _status(result, epochs: int, budget: int) -> str:
@@ -749,7 +786,8 @@ def _plots(out: Path, curves: dict[str, tuple[list, list]], table, plan: SearchP
     _save_png(fig, out / "val_auc_per_epoch.png")
     keys = list(plan.space.params)
     cols = min(3, len(keys))
-    fig, axes = plt.subplots((len(keys) + cols - 1) // cols, cols, figsize=(4 * cols, 3.2 * ((len(keys) + cols - 1) // cols)), squeeze=False)
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         sub = table[[key, "best_val_auc_mean"]].dropna() if len(table) else table
         if plan.space.params[key].values is not None:
@@ -787,9 +825,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def tune_suite(shards: str | None = None, epochs: int = 2, max_batches: int = 20, **_: Any) -> Iterator[dict[str, Any]]:
-    """`chexdist bench tune`: (1) trials vs `engine.fit` of the same config in this process: two
-    identical trials one after the other in one reused worker (the first pays the worker's start and
-    imports, the second is the steady state); (2) a 2-worker TorchTrainer trial vs `chexdist train
+    """`chexdist bench tune`: (1) trials vs `engine.fit` of the same config in this (warmed-up)
+    process: two identical trials one after the other in one reused worker (the first pays the
+    worker's start and imports, the second is the steady state); (2) a 2-worker TorchTrainer trial vs `chexdist train
     --nproc 2`. Ray start-up is timed apart and excluded. Ray's and the engine's console output go to
     stderr so stdout holds only the JSON lines."""
     import subprocess
@@ -807,7 +845,8 @@ def tune_suite(shards: str | None = None, epochs: int = 2, max_batches: int = 20
         space = root / "space.yaml"
         space.write_text(f"optim.lr: {{grid: [{config.optim.lr}, {config.optim.lr}]}}\n")  # the plain run's config, twice
 
-        started = time.perf_counter()
+        fit(apply_overrides(config, {"train.epochs": 1, "data.max_train_batches": 1}), root / "warmup", progress=False)
+        started = time.perf_counter()  # warm like the second trial: imports and first calls are paid
         fit(config, root / "plain", progress=False)
         plain_s = time.perf_counter() - started
 
@@ -876,7 +915,7 @@ def _timed_search(root: Path, space: Path, shards: str, fixed: list[str], name: 
     for result in results:
         if result.error is not None:
             raise ChexdistError(f"bench tune: a {name} trial failed: {_error_line(result.error)}")
-    return {"wall_s": wall, "trial_s": [float(r.metrics_dataframe["time_total_s"].max()) for r in results],
+    return {"wall_s": wall, "trial_s": [_wall_seconds(r) for r in results],
             "loop_s": [_loop_seconds(Path(r.path) / RUN_DIR) for r in results]}
 
 
