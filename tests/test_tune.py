@@ -200,11 +200,13 @@ def test_pbt_exploits_from_donor_weights_and_keeps_counting_epochs(ray_tmp, shar
 
 @pytest.mark.slow
 def test_resume_after_killing_the_search_does_not_rerun_finished_trials(ray_tmp, shards, tmp_path):
-    args = tune_args(shards, tmp_path, "crash", "--trials", "3", "--max-epochs", "2", "--scheduler", "fifo",
+    args = tune_args(shards, tmp_path, "crash", "--trials", "6", "--max-epochs", "2", "--scheduler", "fifo",
                      "--max-concurrent", "1", "--seed", "0")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNE_GLOBAL_CHECKPOINT_S": "0"}
     cmd = [sys.executable, str(REPO / "tune" / "search.py"), *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     exp = tmp_path / "crash"
     finished: set[str] = set()
     deadline = time.time() + 240
@@ -217,7 +219,7 @@ def test_resume_after_killing_the_search_does_not_rerun_finished_trials(ray_tmp,
                 continue
             states = [json.loads(trial) for trial, _ in trials]
             finished = {t["trial_id"] for t in states if t["status"] == "TERMINATED"}
-    assert proc.poll() is None, "the search ended before it could be killed"
+    assert proc.poll() is None, f"the search ended before it could be killed: {log.read_text()[-3000:]}"
     assert finished, "no trial finished within 240 s"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
@@ -229,7 +231,7 @@ def test_resume_after_killing_the_search_does_not_rerun_finished_trials(ray_tmp,
     resumed = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = read_csv(exp / "results.csv")
-    assert len(rows) == 3 and all(r["status"] == "DONE" and r["epochs"] == "2" for r in rows)
+    assert len(rows) == 6 and all(r["status"] == "DONE" and r["epochs"] == "2" for r in rows)
     for name, text in done_before.items():
         assert (exp / name / "run" / "metrics.jsonl").read_text() == text
         assert (exp / name / "run" / "metrics.jsonl").stat().st_mtime_ns == mtimes[name]
