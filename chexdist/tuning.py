@@ -341,7 +341,12 @@ def _fit_trial(config: Config, overrides: dict[str, Any], run: Path, checkpoint,
     elif (found := _left_behind(run, config, overrides)) is not None:
         config, resume, offset = found
     elif is_main and run.exists():
-        run.rename(run.with_name(f"{run.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"))
+        from chexdist.engine import list_checkpoints
+
+        if list_checkpoints(run):  # not this trial's (other parameters): keep it aside, never delete a checkpoint
+            run.rename(run.with_name(f"{run.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"))
+        else:
+            shutil.rmtree(run)  # a start that died before its first checkpoint
     if barrier is not None:
         barrier()
     state = {"params": overrides, "epoch_offset": offset}
@@ -499,7 +504,7 @@ def plan_search(args: argparse.Namespace) -> SearchPlan:
     overrides = [*args.overrides, f"data.shards={args.shards}"]
     if args.max_epochs is not None:
         overrides.append(f"train.epochs={args.max_epochs}")
-    config = load_config(args.recipe, args.config, overrides)
+    config = _absolute_paths(load_config(args.recipe, args.config, overrides))
     space = load_space(space_path(args.space), config)
     for flag, value, low in (("--trials", args.trials, 1), ("--workers-per-trial", args.workers_per_trial, 1),
                              ("--grace-epochs", args.grace_epochs, 1), ("--perturb-epochs", args.perturb_epochs, 1),
@@ -536,6 +541,12 @@ def plan_search(args: argparse.Namespace) -> SearchPlan:
 
         gpus = 1.0 if torch.cuda.is_available() else 0.0
     return SearchPlan(config, space, experiment_dir, name, gpus, pbt_keys)
+
+
+def _absolute_paths(config: Config) -> Config:
+    """Ray runs trials in their own working folders (and on other nodes): local paths must be absolute."""
+    paths = {"data.shards": config.data.shards, "model.pretrained": config.model.pretrained}
+    return apply_overrides(config, {k: os.path.abspath(v) for k, v in paths.items() if v and "://" not in v and not v.startswith("pipe:")})
 
 
 def _require(module: str, what: str) -> None:

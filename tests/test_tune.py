@@ -164,9 +164,10 @@ def test_best_recipe_loads_and_trains(search, tmp_path):
 
 @pytest.mark.slow
 def test_two_worker_trial_reports_the_same_keys(search, shards, tmp_path):
+    """A TorchTrainer DDP trial (sampled by Optuna's TPE) reports what a 1-process trial does."""
     exp, _, _ = search
     code = run_cli(tune_args(shards, tmp_path, "ddp", "--trials", "1", "--max-epochs", "1", "--scheduler", "fifo",
-                             "--workers-per-trial", "2", "--seed", "0"))
+                             "--workers-per-trial", "2", "--search", "optuna", "--seed", "0"))
     assert code == 0
     (row,) = read_csv(tmp_path / "ddp" / "results.csv")
     (result,) = trial_results(Path(row["trial_dir"]))
@@ -278,6 +279,19 @@ def test_refusals_before_ray_starts(shards, tmp_path, capsys):
     assert cli_main(["tune", *tune_args(shards, tmp_path, "x", "--resume")]) == 2
     assert "--resume: no experiment" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_local_paths_become_absolute_for_trials(shards, tmp_path, monkeypatch):
+    """Ray runs trials in their own working folders, so a relative --shards must not reach them."""
+    import argparse
+
+    from chexdist.tuning import add_tune_arguments, plan_search
+
+    monkeypatch.chdir(shards.parent)
+    parser = argparse.ArgumentParser()
+    add_tune_arguments(parser)
+    plan = plan_search(parser.parse_args(tune_args(Path(shards.name), tmp_path, "rel")))
+    assert plan.config.data.shards == str(shards) and plan.config.model.pretrained is None
 
 
 def test_shards_not_visible_on_a_node_is_one_line_naming_the_path(tmp_path):
