@@ -594,8 +594,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def tune_suite(**options: Any) -> Iterator[dict[str, Any]]:
+    from chexdist.tuning import tune_suite as suite  # Ray is imported only when this suite runs
+
+    return suite(**options)
+
+
 SUITES: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {
     "loader": loader_suite, "pack": pack_suite, "train": train_suite, "resume": resume_suite, "reads": reads_suite,
+    "tune": tune_suite,
 }
 
 

@@ -218,6 +218,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "loader":
         options = dict(images=args.images, count=args.count or 1024, workers=args.workers, batch_size=args.batch_size or 32,
                        repeats=args.repeats or 2, formats=tuple(args.formats.split(",")))
+    elif args.suite == "tune":
+        options = dict(shards=args.shards, epochs=args.epochs, max_batches=args.steps)
     elif args.suite == "pack":
         options = dict(images=args.images, count=args.count or 64, workers=args.workers, size=args.size, fmt=args.formats.split(",")[0],
                        repeats=args.repeats or 3)
@@ -225,7 +227,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         options = dict(images=args.images, count=args.count or 512, workers=args.workers, batch_size=args.batch_size or 32,
                        size=args.size, repeats=args.repeats or 2)
     elif args.suite == "reads":
-        options = dict(ranks=args.ranks, workers=args.workers, shards=args.shards, count=args.count or 1600)
+        options = dict(ranks=args.ranks, workers=args.workers, shards=args.num_shards, count=args.count or 1600)
     else:
         options = dict(model=args.model, image_size=args.image_size, batch_size=args.batch_size or 16, steps=args.steps,
                        precision=args.precision, repeats=args.repeats or 6)
@@ -328,6 +330,12 @@ def cmd_import_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from chexdist.tuning import run_search
+
+    return run_search(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chexdist", description=DESCRIPTION,
                                      epilog="Run `chexdist COMMAND --help` for a command's options.")
@@ -397,12 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config_show)
 
     p = sub.add_parser("bench", help="performance suites; one JSON line per result, ratios measured in one run")
-    p.add_argument("suite", choices=("loader", "pack", "train", "resume", "reads"))
+    p.add_argument("suite", choices=("loader", "pack", "train", "resume", "reads", "tune"))
     p.add_argument("--images", help="loader/pack/resume: folder of real PNGs (cycled to --count)")
     p.add_argument("--count", type=int, default=0, help="images to use (loader 1024, pack 64, resume 512, reads 1600)")
     p.add_argument("--workers", type=int, default=2, help="loader/resume/reads: DataLoader workers per rank; pack: processes vs 1")
     p.add_argument("--ranks", type=int, default=8, help="reads: simulated ranks")
-    p.add_argument("--shards", type=int, default=80, help="reads: train shards")
+    p.add_argument("--num-shards", type=int, default=80, help="reads: train shards")
     p.add_argument("--batch-size", type=int, default=0, help="loader 32, train 16")
     p.add_argument("--repeats", type=int, default=0, help="timed repeats (loader 2, pack 3, train 6)")
     p.add_argument("--formats", default="png,jpg", help="loader: shard formats; pack: the first one")
@@ -411,7 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=128, help="train: input side")
     p.add_argument("--steps", type=int, default=20, help="train: optimizer steps per timed run")
     p.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"), help="train: autocast dtype")
+    p.add_argument("--shards", default=None, help="tune: shard folder (default: synthetic shards made for the run)")
+    p.add_argument("--epochs", type=int, default=2, help="tune: epochs per run (--steps caps batches per epoch)")
     p.set_defaults(func=cmd_bench)
+
+    from chexdist.tuning import add_tune_arguments
+
+    p = sub.add_parser("tune", help="Ray Tune search over loss, optimizer, augmentation (each trial runs the engine)")
+    add_tune_arguments(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", help="synthetic data -> shards -> 2-process DDP training -> per-class AUROC")
     p.add_argument("--out", default="chexdist-demo", help="demo folder (replaced if an earlier demo made it)")

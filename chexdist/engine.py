@@ -501,6 +501,30 @@ def _unscorable(positives: dict[str, int], n: int, split: str) -> dict[str, str]
     }
 
 
+@contextlib.contextmanager
+def _process_state_restored():
+    """fit sets process-wide state (deterministic algorithms, cuDNN flags, global RNGs, thread count);
+    Ray Tune runs trial after trial in one worker process, so fit puts it all back on exit."""
+    import random
+
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.get_num_threads(),
+             random.getstate(), np.random.get_state(), torch.get_rng_state(),
+             torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
+        torch.set_num_threads(saved[4])
+        random.setstate(saved[5])
+        np.random.set_state(saved[6])
+        torch.set_rng_state(saved[7])
+        if saved[8] is not None:
+            torch.cuda.set_rng_state_all(saved[8])
+
+
+@_process_state_restored()
 def fit(
     config: Config,
     out: str | os.PathLike,

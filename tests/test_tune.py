@@ -1,0 +1,344 @@
+"""Ray Tune search with a real local Ray on CPU: trials run `engine.fit` on tiny synthetic shards.
+
+Every Ray session of this module lives under a short private RAY_TMPDIR, so the last test can check
+that no Ray process of ours is left running (other users' Ray processes are not counted).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from chexdist.cli import main as cli_main
+from chexdist.config import config_from_dict, load_config, load_yaml
+from chexdist.errors import ChexdistError
+from tests.conftest import REPO
+
+TINY_SPACE = REPO / "tune" / "spaces" / "tiny.yaml"
+FIXED = ["data.image_size=40", "data.eval_resize=48", "data.max_train_batches=4", "eval.bootstrap=0"]
+METRIC_KEYS = {"epoch", "step", "lr", "train_loss", "val_loss", "val_auc_mean", "val_ap_mean", "val_f1_mean", "val_auc",
+               "val_ap", "val_f1", "val_samples", "val_skipped", "seconds", "world_size", "precision"}
+
+
+@pytest.fixture(scope="module")
+def ray_tmp():
+    """A short private Ray temp dir (Unix socket paths must stay under ~107 characters)."""
+    folder = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    old = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_AUTH_MODE")}
+    os.environ.update(RAY_TMPDIR=folder, RAY_AUTH_MODE="disabled")
+    yield folder
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from chexdist.pack import PackSettings, pack_dataset
+    from chexdist.synth import make_synthetic_nih
+
+    root = tmp_path_factory.mktemp("tune-data")
+    make_synthetic_nih(root / "nih", images=300, size=64, seed=0)
+    pack_dataset(root / "nih", root / "shards", PackSettings(split="official", size=48, shard_size=64), workers=1, progress=False)
+    return root / "shards"
+
+
+def tune_args(shards: Path, storage: Path, name: str, *extra: str, space: Path = TINY_SPACE) -> list[str]:
+    args = ["--space", str(space), "--recipe", "tiny", "--shards", str(shards), "--storage", str(storage), "--name", name]
+    for item in FIXED:
+        args += ["--set", item]
+    return args + list(extra)
+
+
+def run_cli(args: list[str]) -> int:
+    import ray
+
+    try:
+        return cli_main(["tune", *args])
+    finally:
+        ray.shutdown()
+
+
+def strict_json(text: str):
+    def refuse(token):
+        raise ValueError(f"non-strict JSON token {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def trial_results(trial_dir: Path) -> list[dict]:
+    """Ray's per-report results of one trial (must be strict JSON)."""
+    return [strict_json(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def search(ray_tmp, shards, tmp_path_factory):
+    """4 trials x 2 epochs of the tiny space (ASHA, random search, seed 3), run once for several tests."""
+    storage = tmp_path_factory.mktemp("tune-storage")
+    started = time.perf_counter()
+    code = run_cli(tune_args(shards, storage, "four", "--trials", "4", "--max-epochs", "2", "--seed", "3",
+                             "--trial-time", "300", "--time-budget", "600"))
+    return storage / "four", code, time.perf_counter() - started
+
+
+@pytest.mark.slow
+def test_four_trials_report_auc_f1_and_write_outputs(search, capsys):
+    exp, code, seconds = search
+    assert code == 0
+    assert seconds < 180, f"4 trials x 2 epochs took {seconds:.0f}s"
+    rows = read_csv(exp / "results.csv")
+    assert len(rows) == 4 and all(r["status"] in ("DONE", "STOPPED") for r in rows)
+    assert any(r["status"] == "DONE" and r["epochs"] == "2" for r in rows)
+    for row in rows:
+        results = trial_results(Path(row["trial_dir"]))
+        assert [r["epoch"] for r in results] == list(range(1, int(row["epochs"]) + 1))
+        for r in results:
+            assert 0 <= r["val_auc_mean"] <= 1 and 0 <= r["val_f1_mean"] <= 1 and 0 <= r["val_ap_mean"] <= 1
+            assert set(r["val_auc"]) == set(r["val_f1"]) and len(r["val_auc"]) == 14
+        assert float(row["best_val_auc_mean"]) == pytest.approx(max(r["val_auc_mean"] for r in results))
+        engine_lines = (Path(row["trial_dir"]) / "run" / "metrics.jsonl").read_text().splitlines()
+        assert len(engine_lines) == int(row["epochs"])
+    aucs = [float(r["best_val_auc_mean"]) for r in rows]
+    assert aucs == sorted(aucs, reverse=True)
+    assert (exp / "val_auc_per_epoch.png").stat().st_size > 1000 and (exp / "params_vs_auc.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_trials_really_train_different_configs_with_conditional_keys(search):
+    exp, code, _ = search
+    assert code == 0
+    rows = read_csv(exp / "results.csv")
+    configs = {r["trial"]: config_from_dict(load_yaml(Path(r["trial_dir"]) / "run" / "config.yaml")) for r in rows}
+    for key in ("loss.name", "optim.name", "aug.preset"):
+        section, name = key.split(".")
+        saved = [getattr(getattr(c, section), name) for c in configs.values()]
+        assert len(set(saved)) > 1, f"every trial trained {key}={saved[0]}"
+        assert saved == [r[key] for r in rows]
+    recipe = load_config("tiny")
+    for row in rows:
+        cfg = configs[row["trial"]]
+        assert cfg.optim.lr == pytest.approx(float(row["optim.lr"]))
+        if cfg.loss.name == "focal":
+            assert cfg.loss.gamma == pytest.approx(float(row["loss.gamma"]))
+        else:
+            assert row["loss.gamma"] == "" and cfg.loss.gamma == recipe.loss.gamma  # inactive: not applied
+        if cfg.optim.name != "sgd":
+            assert row["optim.momentum"] == "" and cfg.optim.momentum == recipe.optim.momentum
+
+
+@pytest.mark.slow
+def test_best_recipe_loads_and_trains(search, tmp_path):
+    from chexdist.config import apply_overrides
+    from chexdist.engine import fit
+
+    exp, code, _ = search
+    assert code == 0
+    best_row = read_csv(exp / "results.csv")[0]
+    best = load_config(str(exp / "best.yaml"))
+    trial = config_from_dict(load_yaml(Path(best_row["trial_dir"]) / "run" / "config.yaml"))
+    trial.train.keep_checkpoints = best.train.keep_checkpoints
+    trial.recipe = best.recipe = ""
+    assert best == trial
+    assert best.data.shards == str(Path(best.data.shards).resolve()) and Path(best.data.shards, "manifest.json").is_file()
+    result = fit(apply_overrides(best, {"train.epochs": 1, "data.max_train_batches": 2}), tmp_path / "best-run", progress=False)
+    assert result.epochs == 1 and (tmp_path / "best-run" / "best.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_worker_trial_reports_the_same_keys(search, shards, tmp_path):
+    """A TorchTrainer DDP trial (sampled by Optuna's TPE) reports what a 1-process trial does."""
+    exp, _, _ = search
+    code = run_cli(tune_args(shards, tmp_path, "ddp", "--trials", "1", "--max-epochs", "1", "--scheduler", "fifo",
+                             "--workers-per-trial", "2", "--search", "optuna", "--seed", "0"))
+    assert code == 0
+    (row,) = read_csv(tmp_path / "ddp" / "results.csv")
+    (result,) = trial_results(Path(row["trial_dir"]))
+    single = trial_results(Path(read_csv(exp / "results.csv")[0]["trial_dir"]))[0]
+    assert METRIC_KEYS <= set(result) and METRIC_KEYS <= set(single)
+    ours = lambda r: {k for k in r if k in METRIC_KEYS or k.startswith("val_")}  # noqa: E731
+    assert ours(result) == ours(single)
+    assert result["world_size"] == 2 and single["world_size"] == 1
+    assert 0 <= result["val_auc_mean"] <= 1 and 0 <= result["val_f1_mean"] <= 1
+
+
+@pytest.mark.slow
+def test_pbt_exploits_from_donor_weights_and_keeps_counting_epochs(ray_tmp, shards, tmp_path):
+    space = tmp_path / "pbt.yaml"
+    space.write_text("optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\naug.preset: flip\n")
+    code = run_cli(tune_args(shards, tmp_path, "pbt", "--trials", "2", "--max-epochs", "3", "--scheduler", "pbt",
+                             "--perturb-epochs", "1", "--seed", "1", space=space))
+    assert code == 0
+    rows = read_csv(tmp_path / "pbt" / "results.csv")
+    assert len(rows) == 2 and all(r["epochs"] == "3" for r in rows)
+    exploited = [Path(r["trial_dir"]) / "run" for r in rows if (Path(r["trial_dir"]) / "run" / "pbt-init.safetensors").is_file()]
+    assert exploited, "PBT never exploited a trial"
+    for run in exploited:
+        cfg = config_from_dict(load_yaml(run / "config.yaml"))
+        assert cfg.model.pretrained == str(run / "pbt-init.safetensors") and cfg.train.epochs < 3
+    for row in rows:  # the trial's own record: Ray rewrites result.json when PBT pauses and clones trials
+        history = [json.loads(line) for line in (Path(row["trial_dir"]) / "epochs.jsonl").read_text().splitlines()]
+        assert sorted({r["epoch"] for r in history}) == [1, 2, 3]
+        assert all(0 <= r["val_auc_mean"] <= 1 for r in history)
+
+
+@pytest.mark.slow
+def test_resume_after_killing_the_search_does_not_rerun_finished_trials(ray_tmp, shards, tmp_path):
+    args = tune_args(shards, tmp_path, "crash", "--trials", "6", "--max-epochs", "2", "--scheduler", "fifo",
+                     "--max-concurrent", "1", "--seed", "0")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNE_GLOBAL_CHECKPOINT_S": "0"}
+    cmd = [sys.executable, str(REPO / "tune" / "search.py"), *args]
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    exp = tmp_path / "crash"
+    finished: set[str] = set()
+    deadline = time.time() + 240
+    while not finished and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        for state in exp.glob("experiment_state-*.json"):
+            try:
+                trials = json.loads(state.read_text())["trial_data"]
+            except (ValueError, KeyError, OSError):
+                continue
+            states = [json.loads(trial) for trial, _ in trials]
+            finished = {t["trial_id"] for t in states if t["status"] == "TERMINATED"}
+    assert proc.poll() is None, f"the search ended before it could be killed: {log.read_text()[-3000:]}"
+    assert finished, "no trial finished within 240 s"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    done_before = {p.name: (p / "run" / "metrics.jsonl").read_text() for p in exp.iterdir()
+                   if p.is_dir() and p.name.split("_")[2] + "_" + p.name.split("_")[3] in finished}
+    assert done_before and all(len(text.splitlines()) == 2 for text in done_before.values())
+    mtimes = {name: (exp / name / "run" / "metrics.jsonl").stat().st_mtime_ns for name in done_before}
+
+    resumed = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = read_csv(exp / "results.csv")
+    assert len(rows) == 6 and all(r["status"] == "DONE" and r["epochs"] == "2" for r in rows)
+    for name, text in done_before.items():
+        assert (exp / name / "run" / "metrics.jsonl").read_text() == text
+        assert (exp / name / "run" / "metrics.jsonl").stat().st_mtime_ns == mtimes[name]
+    for row in rows:
+        assert [r["epoch"] for r in trial_results(Path(row["trial_dir"]))][-1] == 2
+
+
+BAD_SPACES = [
+    ("optim.lrr: {loguniform: [1.0e-5, 1.0e-2]}\n", "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
+    ("optim.lr: {logunifrom: [1.0e-5, 1.0e-2]}\n", "optim.lr: expected one sampler"),
+    ("optim.lr: {loguniform: [0, 1.0e-2]}\n", "optim.lr: loguniform needs low > 0"),
+    ("optim.lr: {uniform: [0.1]}\n", "optim.lr: uniform takes [low, high]"),
+    ("loss.name: {choice: [bce, hinge]}\n", "config key 'loss.name': 'hinge' is not one of"),
+    ("loss.name: {choice: [bce, focal]}\nloss.gamma: {uniform: [1, 2], when: {loss.name: focl}}\n", "loss.gamma: when loss.name = 'focl'"),
+    ("loss.gamma: {uniform: [1, 2], when: {optim.name: sgd}}\n", "'when' names 'optim.name', which must be a searched key"),
+    ("data.shards: {choice: [a, b]}\n", "'data.shards' is set by --shards"),
+    ("- optim.lr\n", "expected a mapping of config keys"),
+    ("optim.lr: {loguniform: [1.0e-5, 1.0e-2]\n", "line 2"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD_SPACES)
+def test_bad_space_is_refused_in_one_line_before_ray_starts(shards, tmp_path, capsys, text, message):
+    import ray
+
+    space = tmp_path / "bad.yaml"
+    space.write_text(text)
+    code = cli_main(["tune", *tune_args(shards, tmp_path, "bad", space=space)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert str(space) in err[0] and message in err[0], err[0]
+    assert not ray.is_initialized() and not (tmp_path / "bad").exists()
+
+
+def test_refusals_before_ray_starts(shards, tmp_path, capsys):
+    import ray
+
+    assert cli_main(["tune", *tune_args(tmp_path / "nowhere", tmp_path, "x")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    space = tmp_path / "cat.yaml"
+    space.write_text("aug.preset: {choice: [flip, strong]}\n")
+    assert cli_main(["tune", *tune_args(shards, tmp_path, "x", "--scheduler", "pbt", space=space)]) == 2
+    assert "--scheduler pbt" in capsys.readouterr().err
+    assert cli_main(["tune", *tune_args(shards, tmp_path, "x", "--resume")]) == 2
+    assert "--resume: no experiment" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_local_paths_become_absolute_for_trials(shards, tmp_path, monkeypatch):
+    """Ray runs trials in their own working folders, so a relative --shards must not reach them."""
+    import argparse
+
+    from chexdist.tuning import add_tune_arguments, plan_search
+
+    monkeypatch.chdir(shards.parent)
+    parser = argparse.ArgumentParser()
+    add_tune_arguments(parser)
+    plan = plan_search(parser.parse_args(tune_args(Path(shards.name), tmp_path, "rel")))
+    assert plan.config.data.shards == str(shards) and plan.config.model.pretrained is None
+
+
+def test_shards_not_visible_on_a_node_is_one_line_naming_the_path(tmp_path):
+    from chexdist.tuning import check_shards_visible
+
+    with pytest.raises(ChexdistError) as err:
+        check_shards_visible(str(tmp_path / "elsewhere"))
+    assert str(tmp_path / "elsewhere") in str(err.value) and "\n" not in str(err.value)
+    check_shards_visible("https://example.org/shards")  # URLs are read remotely, never checked here
+
+
+def test_fit_restores_process_wide_state(shards, tmp_path):
+    """Ray reuses worker processes: one trial's settings must not leak into the next."""
+    import random
+
+    import numpy as np
+
+    from chexdist.config import apply_overrides
+    from chexdist.engine import fit
+
+    base = apply_overrides(load_config("tiny", overrides=[f"data.shards={shards}", *FIXED]),
+                           {"train.epochs": 1, "data.max_train_batches": 2})
+    torch.manual_seed(123)
+    random.seed(5)
+    np.random.seed(7)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.get_num_threads(),
+              signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1))
+    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    first = fit(apply_overrides(base, {"train.deterministic": True, "train.seed": 1}), tmp_path / "a", progress=False)
+    assert torch.are_deterministic_algorithms_enabled() == before[0]
+    second = fit(apply_overrides(base, {"train.deterministic": False}), tmp_path / "b", progress=False)
+    after = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.get_num_threads(),
+             signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1))
+    assert after == before
+    assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
+    assert (np.random.get_state()[1] == rng[2]).all()
+    assert first.epochs == second.epochs == 1
+
+
+def test_no_ray_process_left(ray_tmp):
+    """Runs last in this module: nothing started under our RAY_TMPDIR is still alive."""
+    time.sleep(1)
+    left = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and ray_tmp in " ".join(proc.info["cmdline"] or []):
+                left.append((proc.info["pid"], " ".join(proc.info["cmdline"])[:120]))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    assert not left, left
