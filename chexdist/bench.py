@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from chexdist.data import build_train_loader, decode_gray, iter_tar, load_manifest, shard_urls
+from chexdist.data import build_train_loader, decode_gray
 from chexdist.errors import ChexdistError
 from chexdist.labels import NUM_LABELS
 from chexdist.nih import IMAGE_SUFFIXES
+from chexdist.shardformat import iter_tar, load_manifest, shard_urls
 from chexdist.transforms import build_transform
 
 _CSV_HEADER = [

@@ -75,31 +75,12 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_info(args: argparse.Namespace) -> int:
-    from chexdist.data import load_manifest
     from chexdist.pack import format_info
+    from chexdist.shardformat import load_manifest
 
     manifest = load_manifest(args.path)
     print(json.dumps(manifest, indent=2) if args.json else format_info(manifest))
     return 0
-
-
-def launch_command(nproc: int, script_args: list[str], cpu: bool) -> tuple[list[str], dict[str, str]]:
-    """`accelerate launch` for N local processes. On CPU, accelerate 1.x starts N processes only as
-    `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu` (`--cpu --num_processes N` starts one)."""
-    import socket
-
-    from chexdist import train
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ)
-    if cpu:
-        env["ACCELERATE_USE_CPU"] = "1"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-           "--num_machines", "1", "--main_process_port", str(port), "--dynamo_backend", "no",
-           train.__file__, *script_args]
-    return cmd, env
 
 
 def _train_argv(args: argparse.Namespace) -> list[str]:
@@ -117,19 +98,22 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
 
 
 def run_training(args: argparse.Namespace) -> int:
-    """Validate the config in this process (refusing bad input before any worker starts), then train
-    here (1 process) or through `accelerate launch` (N processes)."""
-    import subprocess
-
-    import torch
-
+    """Train here (1 process) or in N local worker processes (`chexdist.launcher`), after the same
+    `preflight` that `fit` runs, so bad input is refused once, before any worker starts."""
+    from chexdist.engine import preflight
     from chexdist.train import resolve_config, training_function
 
+    if args.nproc < 1:
+        raise ChexdistError(f"--nproc must be >= 1, got {args.nproc}")
     config = resolve_config(args)
     if args.nproc == 1:
         return training_function(config, args)
-    cmd, env = launch_command(args.nproc, _train_argv(args), cpu=not torch.cuda.is_available())
-    return subprocess.run(cmd, env=env).returncode
+    preflight(config, args.out, args.resume)
+    import torch
+
+    from chexdist.launcher import run_workers
+
+    return run_workers([sys.executable, "-m", "chexdist.train", *_train_argv(args)], args.nproc, cpu=not torch.cuda.is_available())
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ import yaml
 
 from chexdist import __version__
 from chexdist.errors import ChexdistError
-from chexdist.io import atomic_write_text
+from chexdist.fileio import atomic_write_text
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 

@@ -19,43 +19,55 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from chexdist import __version__
 from chexdist.config import Config, config_from_dict, config_to_dict, load_yaml, save_config
-from chexdist.data import build_eval_loader, build_train_loader, load_manifest
-from chexdist.errors import ChexdistError
-from chexdist.io import append_jsonl, atomic_write_json, atomic_write_text
-from chexdist.labels import LABELS, check_labels
+from chexdist.data import build_train_loader
+from chexdist.errors import EXIT_INTERRUPTED, EXIT_REQUEUE, ChexdistError
+from chexdist.fileio import append_jsonl, atomic_write_json, atomic_write_text
+from chexdist.inference import predict_split
+from chexdist.labels import LABELS
 from chexdist.losses import build_loss, pos_weight_from_counts
 from chexdist.metrics import per_class_metrics, tune_thresholds
-from chexdist.models import create_model, read_state_dict, save_weights
+from chexdist.models import create_model, save_weights
 from chexdist.optim import build_optimizer, build_scheduler, step_scheduler
+from chexdist.shardformat import load_manifest, split_shards
 from chexdist.transforms import NORMALIZATION, build_transform
 
 log = logging.getLogger("chexdist")
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: the run saved a checkpoint on SIGTERM/SIGUSR1; requeue and --resume
 CHECK_EVERY = 10  # optimizer steps between the cross-rank checks for preemption and non-finite loss
 RESUMABLE_KEYS = {"train.epochs", "data.num_workers", "data.shards", "eval.bootstrap"}
+PREEMPTED_MARKER = "PREEMPTED"  # in the run folder while the run waits for --resume after a signal
 
 Report = Callable[[dict[str, Any]], None]
 
 
 class Preempted(Exception):
-    """SIGTERM/SIGUSR1 arrived; a checkpoint was saved. Exit with EXIT_REQUEUE and resume later."""
+    """A stop signal arrived and a checkpoint was saved; `exit_code` is 75 (requeue and --resume) for
+    SIGTERM/SIGUSR1 and 130 for SIGINT. Every rank raises it at the same step."""
 
-    def __init__(self, checkpoint: Path):
-        super().__init__(f"preempted: saved {checkpoint}; rerun with --resume to continue")
-        self.checkpoint = checkpoint
+    def __init__(self, checkpoint: Path, signum: int = signal.SIGTERM):
+        self.checkpoint, self.signum = checkpoint, signal.Signals(signum)
+        super().__init__(f"{self.signum.name}: saved checkpoint {checkpoint}; rerun with --resume to continue")
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.signum == signal.SIGINT else EXIT_REQUEUE
 
 
-class NonFiniteLoss(ChexdistError):
+class SameOnAllRanks(ChexdistError):
+    """Raised identically by every rank (a rank-0 decision or a cross-rank agreement), so one report
+    from rank 0 is the whole story."""
+
+
+class NonFiniteLoss(SameOnAllRanks):
     pass
 
 
@@ -93,29 +105,23 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-@dataclass
-class Predictions:
-    """Gathered, de-padded predictions of one split, ordered by sample index."""
+class StopFlag:
+    """Records the first SIGTERM/SIGUSR1 (SLURM preemption) or SIGINT (Ctrl-C) so the loop checkpoints
+    at the next safe point. After a SIGINT, SIGINT gets its default action again, so a second Ctrl-C
+    ends the process at once (a checkpoint is written under a temp name, so none is left half-done).
+    DataLoader workers forked meanwhile inherit the handler and ignore the signal: their rank acts."""
 
-    logits: torch.Tensor
-    targets: torch.Tensor
-    index: torch.Tensor
-    patient_id: torch.Tensor
-    skipped: int
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self, announce: bool = True) -> None:
+        self.signum = 0
+        self.announce = announce
+        self._pid = os.getpid()
+        self._previous: dict[int, Any] = {}
 
     @property
-    def probs(self) -> np.ndarray:
-        return torch.sigmoid(self.logits).numpy()
-
-
-class StopFlag:
-    """Records SIGTERM/SIGUSR1 (SLURM preemption) so the loop can checkpoint at a safe point."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.raised = False
-        self._previous: dict[int, Any] = {}
+    def raised(self) -> bool:
+        return self.signum != 0
 
     def __enter__(self) -> StopFlag:
         if _in_main_thread():
@@ -124,8 +130,16 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.raised = True
-        log.warning("received %s: will checkpoint and exit at the next safe point", signal.Signals(signum).name)
+        if os.getpid() != self._pid:
+            return
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if self.signum:
+            return
+        self.signum = signum
+        if self.announce:
+            again = "; Ctrl-C again aborts without saving" if signum == signal.SIGINT else ""
+            log.warning("received %s: will checkpoint and stop at the next safe point%s", signal.Signals(signum).name, again)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -191,17 +205,101 @@ class Checkpointer:
 
 
 def _resolve_resume(out: Path, resume: bool | str | None) -> Path | None:
+    """The checkpoint to continue from: `latest` (or True) must find one, `auto` starts fresh when
+    there is none (SLURM requeue scripts pass it on every start), anything else is a folder."""
     if not resume:
         return None
-    if resume is True or resume == "latest":
+    if resume is True or resume in ("latest", "auto"):
         found = list_checkpoints(out)
-        if not found:
-            raise ChexdistError(f"{out}: --resume found no checkpoint under {out / 'checkpoints'}")
-        return found[-1]
+        if found:
+            return found[-1]
+        if resume == "auto":
+            return None
+        raise ChexdistError(f"{out}: --resume found no checkpoint under {out / 'checkpoints'}; use --resume auto to start fresh when there is none")
     path = Path(resume)
     if not path.is_dir():
         raise ChexdistError(f"--resume {path}: not a checkpoint folder")
+    if not (path / Checkpointer.STATE_FILE).is_file():
+        raise ChexdistError(f"{path}: not a complete chexdist checkpoint (no {Checkpointer.STATE_FILE})")
     return path
+
+
+@dataclass
+class Preflight:
+    """What `preflight` checked and decided: the manifest, and the checkpoint to resume (None: fresh)."""
+
+    manifest: dict
+    resume_from: Path | None
+
+
+def preflight(config: Config, out: str | os.PathLike, resume: bool | str | None) -> Preflight:
+    """Every check that needs no process group: config, shards manifest, run folder against --resume,
+    resume state. `chexdist train --nproc N` runs it before starting any worker; `fit` runs it on rank 0."""
+    out = Path(out)
+    if not config.data.shards:
+        raise ChexdistError("config key 'data.shards' is empty; pass --shards DIR or --set data.shards=DIR")
+    manifest = load_manifest(config.data.shards)
+    for split in ("train", "val"):
+        if sum(entry["samples"] for entry in split_shards(manifest, split, str(config.data.shards))) == 0:
+            raise ChexdistError(f"{config.data.shards}: the {split} split is empty; repack with a {split} split")
+    resume_from = _resolve_resume(out, resume)
+    if resume_from is None and resume != "auto" and list_checkpoints(out):
+        raise ChexdistError(f"{out}: already has checkpoints; pass --resume to continue it or choose a new --out")
+    if resume_from is not None:
+        _check_resume_config(out, config)
+    return Preflight(manifest, resume_from)
+
+
+def _agreed_preflight(accelerator, config: Config, out: Path, resume: bool | str | None) -> Preflight:
+    """Rank 0 runs `preflight` and every rank follows its answer, so nodes never disagree about the
+    run folder (which checkpoint is latest, whether there is one). Multi-node needs a shared filesystem."""
+    if accelerator.num_processes == 1:
+        return preflight(config, out, resume)
+    from accelerate.utils import broadcast_object_list
+
+    answer: list[Preflight | str | None] = [None]
+    if accelerator.is_main_process:
+        try:
+            answer[0] = preflight(config, out, resume)
+        except ChexdistError as exc:
+            answer[0] = str(exc)
+    broadcast_object_list(answer)
+    if isinstance(answer[0], str):
+        raise SameOnAllRanks(answer[0])
+    return answer[0]
+
+
+def _agreed_signal(accelerator, stop: StopFlag) -> int:
+    """The stop signal all ranks act on (0: none): the first rank's that has one."""
+    if accelerator.num_processes == 1:
+        return stop.signum
+    flags = accelerator.gather(torch.tensor([float(stop.signum)], device=accelerator.device))
+    return _first_signal(flags)
+
+
+def _first_signal(signums: torch.Tensor) -> int:
+    raised = signums[signums > 0]
+    return int(raised[0]) if len(raised) else 0
+
+
+def _stop(checkpointer: Checkpointer, checkpoint: Path, signum: int) -> None:
+    """Leave the run resumable and say so: rank 0 writes OUT/PREEMPTED (what a requeue script reads,
+    since launchers turn the exit code into 1), then every rank raises Preempted."""
+    state = checkpointer.state
+    if checkpointer.accelerator.is_main_process:
+        atomic_write_json(checkpointer.out / PREEMPTED_MARKER, {
+            "signal": signal.Signals(signum).name,
+            "checkpoint": str(checkpoint.resolve()),
+            "epoch": state.epoch,
+            "step": state.step,
+            "batch": state.batch,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
+    raise Preempted(checkpoint, signum)
+
+
+def clear_preempted(out: Path) -> None:
+    (out / PREEMPTED_MARKER).unlink(missing_ok=True)
 
 
 def _check_resume_config(out: Path, config: Config) -> None:
@@ -237,24 +335,6 @@ def export_best(model: torch.nn.Module, out: Path, info: dict[str, Any]) -> None
     atomic_write_json(out / "best.json", info)
 
 
-def load_best(run_or_file: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The exported best model and its best.json; refuses a label order other than chexdist's."""
-    path = Path(run_or_file)
-    weights = path / "best.safetensors" if path.is_dir() else path
-    info_path = weights.with_suffix(".json")
-    if not weights.is_file() or not info_path.is_file():
-        raise ChexdistError(f"{path}: no best.safetensors + best.json; train a run first (chexdist train)")
-    info = json.loads(info_path.read_text())
-    check_labels(info["labels"], source=str(info_path))
-    state, meta = read_state_dict(weights)
-    if "labels" in meta:
-        check_labels(json.loads(meta["labels"]), source=str(weights))
-    cfg = config_from_dict(info["config"])
-    model = create_model(info["arch"], num_classes=len(info["labels"]), drop_rate=cfg.model.drop_rate, head=cfg.model.head)
-    model.load_state_dict(state)
-    return model.eval(), info
-
-
 # ----------------------------------------------------------------------------------- the loop
 
 
@@ -262,49 +342,6 @@ def _make_accelerator(config: Config):
     from accelerate import Accelerator
 
     return Accelerator(mixed_precision=config.train.precision if config.train.precision != "no" else None)
-
-
-def predict_split(model, accelerator, shards: str, split: str, config: Config, manifest: dict) -> Predictions:
-    """Run the model over one split on every rank and gather: each readable sample exactly once."""
-    transform = build_transform(
-        config.aug.preset, image_size=config.data.image_size, eval_resize=config.data.eval_resize, train=False
-    )
-    loader, _ = build_eval_loader(
-        shards,
-        split,
-        config.data.eval_batch_size or 2 * config.data.batch_size,
-        transform,
-        config.data.num_workers,
-        accelerator.num_processes,
-        accelerator.process_index,
-        manifest=manifest,
-        pin_memory=accelerator.device.type == "cuda",
-        normalize_in_loader=False,
-    )
-    parts: dict[str, list[torch.Tensor]] = {"logits": [], "targets": [], "valid": [], "index": [], "patient_id": []}
-    model.eval()
-    with torch.no_grad():
-        for batch in loader:
-            images = loader.normalize(batch.images.to(accelerator.device, non_blocking=True))
-            with accelerator.autocast():
-                logits = model(images)
-            parts["logits"].append(logits.float())
-            parts["targets"].append(batch.labels.to(accelerator.device))
-            parts["valid"].append(batch.valid.to(accelerator.device))
-            parts["index"].append(batch.index.to(accelerator.device))
-            parts["patient_id"].append(batch.patient_id.to(accelerator.device))
-    local = {k: torch.cat(v) for k, v in parts.items()}
-    gathered = {k: accelerator.gather(v).cpu() for k, v in local.items()}
-    skipped = int(accelerator.reduce(torch.tensor(loader.skipped, device=accelerator.device), "sum").item())
-    keep = gathered["valid"].bool()
-    order = torch.argsort(gathered["index"][keep])
-    return Predictions(
-        logits=gathered["logits"][keep][order],
-        targets=gathered["targets"][keep][order].float(),
-        index=gathered["index"][keep][order],
-        patient_id=gathered["patient_id"][keep][order],
-        skipped=skipped,
-    )
 
 
 def _validate(model, accelerator, criterion, config: Config, manifest: dict) -> dict[str, Any]:
@@ -351,20 +388,18 @@ def fit(
     progress: bool = True,
 ) -> FitResult:
     """Train `config` into run folder `out`. `report(record)` is called after every epoch on every rank
-    (Ray Tune passes one). Raises Preempted after saving on SIGTERM/SIGUSR1, NonFiniteLoss on nan/inf."""
-    out = Path(out)
-    if not config.data.shards:
-        raise ChexdistError("config key 'data.shards' is empty; pass --shards DIR or --set data.shards=DIR")
-    manifest = load_manifest(config.data.shards)
-    if manifest["splits"]["train"]["samples"] == 0:
-        raise ChexdistError(f"{config.data.shards}: the train split is empty")
-    resume_from = _resolve_resume(out, resume)
-    if resume_from is None and list_checkpoints(out):
-        raise ChexdistError(f"{out}: already has checkpoints; pass --resume to continue it or choose a new --out")
-    if resume_from is not None:
-        _check_resume_config(out, config)
-
+    (Ray Tune passes one). `resume`: None, "latest" (or True), "auto" (latest if any, else fresh) or a
+    checkpoint folder. On SIGTERM/SIGUSR1/SIGINT it saves at the next safe point (the next cross-rank
+    check in an epoch, or right after validation or a save), writes OUT/PREEMPTED and raises Preempted;
+    NonFiniteLoss on nan/inf; ChexdistError for anything `preflight` refuses."""
     accelerator = accelerator or _make_accelerator(config)
+    with StopFlag(announce=accelerator.is_main_process) as stop:
+        return _fit(config, Path(out), resume, report, accelerator, progress, stop)
+
+
+def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, progress: bool, stop: StopFlag) -> FitResult:
+    checked = _agreed_preflight(accelerator, config, out, resume)
+    manifest, resume_from = checked.manifest, checked.resume_from
     from accelerate.utils import set_seed
 
     if config.train.deterministic:
@@ -395,6 +430,8 @@ def fit(
     if resume_from is not None:
         checkpointer.load(resume_from)
         accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.step}, batch {state.batch})")
+    if accelerator.is_main_process:
+        clear_preempted(out)
     accelerator.print(
         f"chexdist {__version__}: {config.model.name} on {world} process(es), {accelerator.distributed_type.value}, "
         f"device {accelerator.device.type}, precision {precision}, train {train_info['samples']} images"
@@ -411,52 +448,55 @@ def fit(
         degrees=config.aug.degrees,
         translate=config.aug.translate,
     )
-    history = _resumed_history(out, state.epoch, accelerator.is_main_process) if resume_from is not None else []
+    history = _resumed_history(out, state.epoch, accelerator.is_main_process)
     stopped_early = False
-    with StopFlag() as stop:
-        while state.epoch < config.train.epochs:
-            loader, num_batches = build_train_loader(
-                config.data.shards,
-                config.data.batch_size,
-                transform,
-                config.data.num_workers,
-                world,
-                rank,
-                seed=config.train.seed,
-                epoch=state.epoch,
-                shuffle_buffer=config.data.shuffle_buffer,
-                max_batches=config.data.max_train_batches,
-                manifest=manifest,
-                pin_memory=accelerator.device.type == "cuda",
-                normalize_in_loader=False,
-            )
-            train_epoch(model, optimizer, criterion, accelerator, config, loader, num_batches, state, stop, checkpointer, progress)
-            val = _validate(model, accelerator, criterion, config, manifest)
-            step_scheduler(scheduler, val["val_loss"])
-            state.epoch += 1
-            lr = optimizer.param_groups[0]["lr"]
-            record = _epoch_record(state, lr, val, world, precision)
-            history.append(record)
-            improved = record["val_auc_mean"] > state.best_auc
+    while state.epoch < config.train.epochs:
+        loader, num_batches = build_train_loader(
+            config.data.shards,
+            config.data.batch_size,
+            transform,
+            config.data.num_workers,
+            world,
+            rank,
+            seed=config.train.seed,
+            epoch=state.epoch,
+            shuffle_buffer=config.data.shuffle_buffer,
+            max_batches=config.data.max_train_batches,
+            manifest=manifest,
+            pin_memory=accelerator.device.type == "cuda",
+            normalize_in_loader=False,
+        )
+        train_epoch(model, optimizer, criterion, accelerator, config, loader, num_batches, state, stop, checkpointer, progress)
+        val = _validate(model, accelerator, criterion, config, manifest)
+        step_scheduler(scheduler, val["val_loss"])
+        state.epoch += 1
+        lr = optimizer.param_groups[0]["lr"]
+        record = _epoch_record(state, lr, val, world, precision)
+        history.append(record)
+        improved = record["val_auc_mean"] > state.best_auc
+        if improved:
+            state.best_auc, state.best_epoch, state.bad_epochs = record["val_auc_mean"], state.epoch, 0
+        else:
+            state.bad_epochs += 1
+        state.batch, state.loss_sum, state.loss_batches, state.epoch_seconds = 0, 0.0, 0, 0.0
+        if accelerator.is_main_process:
+            append_jsonl(out / "metrics.jsonl", record)
+            accelerator.print(_format_epoch(record, config.train.epochs))
             if improved:
-                state.best_auc, state.best_epoch, state.bad_epochs = record["val_auc_mean"], state.epoch, 0
-            else:
-                state.bad_epochs += 1
-            state.batch, state.loss_sum, state.loss_batches, state.epoch_seconds = 0, 0.0, 0, 0.0
-            if accelerator.is_main_process:
-                append_jsonl(out / "metrics.jsonl", record)
-                accelerator.print(_format_epoch(record, config.train.epochs))
-                if improved:
-                    export_best(accelerator.unwrap_model(model), out, _best_info(config, record, manifest))
-            checkpointer.save()
-            if report is not None:
-                report(record)
-            patience = config.train.early_stop_patience
-            if patience and state.bad_epochs >= patience:
-                stopped_early = True
-                accelerator.print(f"early stop: val mean AUC did not improve for {patience} epoch(s)")
-                break
+                export_best(accelerator.unwrap_model(model), out, _best_info(config, record, manifest))
+        saved = checkpointer.save()
+        if report is not None:
+            report(record)
+        patience = config.train.early_stop_patience
+        if patience and state.bad_epochs >= patience:
+            stopped_early = True
+            accelerator.print(f"early stop: val mean AUC did not improve for {patience} epoch(s)")
+            break
+        if state.epoch < config.train.epochs and (signum := _agreed_signal(accelerator, stop)):
+            _stop(checkpointer, saved, signum)  # a signal during validation, export_best or the save
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        clear_preempted(out)
     return FitResult(out, state.best_auc, state.best_epoch, state.epoch, stopped_early, world, accelerator.is_main_process, history)
 
 
@@ -541,9 +581,10 @@ def train_epoch(model, optimizer, criterion, accelerator, config: Config, loader
         state.step += 1
         last = state.batch == num_batches
         every = config.train.checkpoint_every
-        if state.step % CHECK_EVERY == 0 or last or (every and state.step % every == 0):
-            flags = accelerator.gather(torch.stack([torch.tensor(float(stop.raised), device=device), first_bad])[None])
-            stop_requested, bad_step = bool(flags[:, 0].max() > 0), float(flags[:, 1].min())
+        alone_and_stopping = accelerator.num_processes == 1 and stop.raised  # nothing to agree on: stop now
+        if state.step % CHECK_EVERY == 0 or last or (every and state.step % every == 0) or alone_and_stopping:
+            flags = accelerator.gather(torch.stack([torch.tensor(float(stop.signum), device=device), first_bad])[None])
+            signum, bad_step = _first_signal(flags[:, 0]), float(flags[:, 1].min())
             if math.isfinite(bad_step):
                 raise NonFiniteLoss(
                     f"loss became nan/inf at step {int(bad_step)} (epoch {state.epoch + 1}); lower optim.lr, "
@@ -554,11 +595,14 @@ def train_epoch(model, optimizer, criterion, accelerator, config: Config, loader
             resume_at = i + 1
             state.epoch_seconds = time.perf_counter() - started
             bar.set_postfix(loss=f"{state.loss_sum / max(1, state.loss_batches):.4f}")
-            if stop_requested:
+            if signum:
                 bar.close()
-                raise Preempted(checkpointer.save())
+                _stop(checkpointer, checkpointer.save(), signum)
             if every and state.step % every == 0 and not last:
-                checkpointer.save()
+                saved = checkpointer.save()
+                if signum := _agreed_signal(accelerator, stop):  # arrived during the save
+                    bar.close()
+                    _stop(checkpointer, saved, signum)
     bar.close()
     state.epoch_seconds = time.perf_counter() - started
 

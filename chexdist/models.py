@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chexdist.config import config_from_dict
 from chexdist.errors import ChexdistError
-from chexdist.io import atomic_write_bytes
+from chexdist.fileio import atomic_write_bytes
 from chexdist.labels import LABELS, NUM_LABELS, check_labels
 
 log = logging.getLogger(__name__)
@@ -385,3 +386,21 @@ def save_weights(
         meta["arch"] = arch
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def load_best(run_or_file: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The exported best model and its best.json; refuses a label order other than chexdist's."""
+    path = Path(run_or_file)
+    weights = path / "best.safetensors" if path.is_dir() else path
+    info_path = weights.with_suffix(".json")
+    if not weights.is_file() or not info_path.is_file():
+        raise ChexdistError(f"{path}: no best.safetensors + best.json; train a run first (chexdist train)")
+    info = json.loads(info_path.read_text())
+    check_labels(info["labels"], source=str(info_path))
+    state, meta = read_state_dict(weights)
+    if "labels" in meta:
+        check_labels(json.loads(meta["labels"]), source=str(weights))
+    cfg = config_from_dict(info["config"])
+    model = create_model(info["arch"], num_classes=len(info["labels"]), drop_rate=cfg.model.drop_rate, head=cfg.model.head)
+    model.load_state_dict(state)
+    return model.eval(), info

@@ -22,11 +22,11 @@ import pandas as pd
 
 from chexdist import __version__
 from chexdist.errors import ChexdistError
-from chexdist.data import FORMAT_VERSION, MANIFEST, decode_gray, iter_tar, load_manifest
-from chexdist.images import ImageDecodeError, encode, load_gray8, resize_shorter
-from chexdist.io import atomic_write_json, atomic_write_text, sha256_file
+from chexdist.fileio import atomic_write_json, atomic_write_text, sha256_file
+from chexdist.images import ImageDecodeError, decode_gray8, encode, load_gray8, resize_shorter
 from chexdist.labels import LABELS
 from chexdist.nih import NihRelease, load_release
+from chexdist.shardformat import FORMAT_VERSION, MANIFEST, iter_tar, load_manifest
 from chexdist.splits import METHODS, SPLITS, assign_split, check_no_leakage
 
 FORMATS = ("png", "jpg")
@@ -420,7 +420,7 @@ def _verify_shard(args: tuple[str, dict, str, str]) -> dict:
         if meta.get("split") != split or Path(meta.get("image", "")).stem != key:
             problems.append(f"{name}/{key}: json says split {meta.get('split')!r} image {meta.get('image')!r}")
         try:
-            decode_gray(parts[fmt])
+            decode_gray8(parts[fmt])
         except ImageDecodeError as exc:
             problems.append(f"{name}/{key}: image does not decode ({exc})")
         metas.append(meta)

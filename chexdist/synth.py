@@ -32,8 +32,8 @@ import numpy as np
 from PIL import Image
 
 from chexdist.errors import ChexdistError
+from chexdist.fileio import atomic_write_text
 from chexdist.images import encode
-from chexdist.io import atomic_write_text
 from chexdist.labels import LABELS, NO_FINDING, NUM_LABELS
 
 DATA_ENTRY = "Data_Entry_2017.csv"

@@ -1,25 +1,21 @@
 """Entry point: `accelerate launch chexdist/train.py --recipe R --shards S --out O [--set k=v ...] [--resume]`,
 also `python -m chexdist.train` and (via `chexdist train`) without knowing accelerate's flags.
 
-Exit codes: 0 done, 2 bad input/config (refused before training), 75 preempted after saving a
-checkpoint (requeue and pass --resume), 1 anything else.
+Exit codes: 0 done, 2 bad input/config (refused before training), 75 stopped by SIGTERM/SIGUSR1 after
+saving a checkpoint (requeue and pass --resume), 130 stopped by Ctrl-C after saving one, 1 anything
+else. Messages come from rank 0 alone, except an error only one rank met, which that rank reports.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
+import os
 import sys
-from pathlib import Path
+from collections.abc import Sequence
 
-if __package__ in (None, ""):
-    # Run as a file: put the repo root first so `chexdist` imports and its modules shadow nothing.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-
-from chexdist.config import Config, load_config  # noqa: E402
-from chexdist.errors import ChexdistError  # noqa: E402
+from chexdist.config import Config, load_config
+from chexdist.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ChexdistError
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +28,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config key (repeatable)")
     group.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                       help="continue from the latest checkpoint in --out (or the given folder)")
+                       help="continue from the latest checkpoint in --out, or the given folder; "
+                            "'--resume auto' also starts fresh when --out has no checkpoint (for requeued jobs)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -43,30 +40,63 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return load_config(args.recipe, args.config, overrides)
 
 
+def launch_rank() -> int:
+    """This process's global rank as set by the launcher (torchrun, accelerate launch, chexdist train)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def training_function(config: Config, args: argparse.Namespace) -> int:
-    from chexdist.engine import EXIT_REQUEUE, Preempted, fit
+    from chexdist.engine import Preempted, fit
 
     try:
         result = fit(config, args.out, resume=args.resume, progress=not args.no_progress)
     except Preempted as exc:
-        print(f"chexdist: {exc}", file=sys.stderr)
-        return EXIT_REQUEUE
+        if launch_rank() == 0:
+            print(f"chexdist: {exc}", file=sys.stderr)
+        return exc.exit_code
     if result.is_main_process:
         print(f"best val mean AUC {result.best_auc:.4f} at epoch {result.best_epoch}; run folder {result.out}")
     return 0
 
 
+def _refuse(exc: ChexdistError, same_on_all_ranks: bool) -> int:
+    rank = launch_rank()
+    if rank == 0:
+        print(f"chexdist: error: {exc}", file=sys.stderr)
+    elif not same_on_all_ranks:
+        print(f"chexdist: rank {rank}: error: {exc}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _interrupted() -> int:
+    if launch_rank() == 0:
+        print("chexdist: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from chexdist.launcher import follow_launcher
+
+    follow_launcher()
     parser = argparse.ArgumentParser(description="Train a chest X-ray classifier (one process of a launch).")
     add_train_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("chexdist").setLevel(logging.INFO)
     try:
-        return training_function(resolve_config(args), args)
+        config = resolve_config(args)
+    except ChexdistError as exc:  # from the command line and files alone: every rank sees the same
+        return _refuse(exc, same_on_all_ranks=True)
+    except KeyboardInterrupt:
+        return _interrupted()
+    from chexdist.engine import SameOnAllRanks
+
+    try:
+        return training_function(config, args)
     except ChexdistError as exc:
-        print(f"chexdist: error: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(exc, same_on_all_ranks=isinstance(exc, SameOnAllRanks))
+    except KeyboardInterrupt:  # Ctrl-C before the loop could take it over
+        return _interrupted()
 
 
 if __name__ == "__main__":

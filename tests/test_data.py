@@ -15,16 +15,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from chexdist.data import (
-    build_eval_loader,
-    build_train_loader,
-    iter_tar,
-    load_manifest,
-    resolve,
-    shard_urls,
-)
+from chexdist.data import build_eval_loader, build_train_loader
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS
+from chexdist.shardformat import iter_tar, load_manifest, resolve, shard_urls
 from chexdist.transforms import build_transform
 
 EVAL = build_transform("none", image_size=8, eval_resize=10, train=False)
@@ -395,9 +389,9 @@ def test_train_gives_up_when_nothing_decodes(tmp_path):
 
 
 def _ddp_rank(rank: int, world_size: int, root: str, port: int, out: str) -> None:
-    import torch.distributed as dist
-
     from datetime import timedelta
+
+    import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))

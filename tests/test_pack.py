@@ -17,8 +17,8 @@ import pytest
 from chexdist import nih
 from chexdist.images import decode_gray8
 from chexdist.labels import LABELS
-from chexdist.data import load_manifest as read_manifest
 from chexdist.pack import PackSettings, pack_dataset, verify_shards
+from chexdist.shardformat import load_manifest as read_manifest
 from tests.conftest import REAL_CSV, REAL_IMAGES, REPO
 
 
