@@ -581,8 +581,8 @@ def train_epoch(model, optimizer, criterion, accelerator, config: Config, loader
         state.step += 1
         last = state.batch == num_batches
         every = config.train.checkpoint_every
-        alone_and_stopping = accelerator.num_processes == 1 and stop.raised  # nothing to agree on: stop now
-        if state.step % CHECK_EVERY == 0 or last or (every and state.step % every == 0) or alone_and_stopping:
+        # only at these steps (where the loss is folded) so that a resumed run sums it as an unbroken one
+        if state.step % CHECK_EVERY == 0 or last or (every and state.step % every == 0):
             flags = accelerator.gather(torch.stack([torch.tensor(float(stop.signum), device=device), first_bad])[None])
             signum, bad_step = _first_signal(flags[:, 0]), float(flags[:, 1].min())
             if math.isfinite(bad_step):
