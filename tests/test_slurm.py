@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.conftest import REPO
 
@@ -23,8 +25,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SLURM = REPO / "slurm"
 SCRIPTS = sorted(str(p) for p in SLURM.iterdir() if p.suffix in (".sh", ".sbatch"))
-# Small enough for 2 cores, slow enough (about 20 steps per epoch) to be signalled mid-run.
-SETS = "train.epochs=4 data.batch_size=4"
+# Small enough for 2 cores, long enough (4 epochs of 11 steps per rank) to be signalled mid-run.
+SETS = "train.epochs=4 data.batch_size=8"
 
 
 def sh(*cmd: str, env: dict | None = None, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -162,7 +164,9 @@ def test_preempted_job_requeues_resumes_and_finishes_like_an_unbroken_run(cluste
     assert [r["epoch"] for r in got] == [1, 2, 3, 4]
     for a, b in zip(got, want):
         assert (a["step"], a["val_auc_mean"], a["val_loss"], a["train_loss"]) == (b["step"], b["val_auc_mean"], b["val_loss"], b["train_loss"])
-    assert (out / "best.safetensors").read_bytes() == (unbroken / "best.safetensors").read_bytes()
+    got_weights, want_weights = load_file(out / "best.safetensors"), load_file(unbroken / "best.safetensors")
+    assert got_weights.keys() == want_weights.keys()
+    assert all(torch.equal(got_weights[k], want_weights[k]) for k in want_weights)
 
 
 def test_two_srun_tasks_as_two_machines_train_one_run(cluster, shards, unbroken, tmp_path):
@@ -171,16 +175,16 @@ def test_two_srun_tasks_as_two_machines_train_one_run(cluster, shards, unbroken,
     out = tmp_path / "run"
     job_id, log = train_job(cluster, tmp_path, out, "--ntasks-per-node=2", "--cpus-per-task=1",
                             SHARDS=str(shards), MACHINES="2", PROCS_PER_NODE="1",
-                            SETS="train.epochs=2 data.batch_size=4")
+                            SETS="train.epochs=1 data.batch_size=8")
     info = cluster.wait(job_id, log)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", text[-3000:]
     assert "2 machine(s) x 1 process(es), CPU" in text
     got = epochs(out)
-    assert [r["world_size"] for r in got] == [2, 2]
+    assert [r["world_size"] for r in got] == [2]
     # Two machines of one process train exactly like one machine of two (the plateau schedule does
-    # not depend on the epoch count, so the unbroken run's first two epochs are the reference).
-    for a, b in zip(got, epochs(unbroken)[:2]):
+    # not depend on the epoch count, so the unbroken run's first epoch is the reference).
+    for a, b in zip(got, epochs(unbroken)[:1]):
         assert (a["step"], a["val_auc_mean"], a["train_loss"]) == (b["step"], b["val_auc_mean"], b["train_loss"])
     assert (out / "best.safetensors").is_file()
     assert len(list((out / "checkpoints").iterdir())) >= 1
@@ -226,8 +230,8 @@ def test_bad_input_fails_fast_with_one_line_and_is_not_requeued(cluster, shards,
     assert errors == [f"train.sbatch: error: SHARDS={missing} has no manifest.json (in {REPO}); pack it first or set SHARDS"]
     info = cluster.wait(no_gpu_id, no_gpu_log)
     assert info["JobState"] == "FAILED"
-    errors = [line for line in no_gpu_log.read_text().splitlines() if "error" in line.lower()]
-    assert len(errors) == 2 and "visible GPU(s), GPUS_PER_NODE=64 wants 64" in errors[0], errors  # + srun's own line
+    errors = [line for line in no_gpu_log.read_text().splitlines() if "train.sbatch: error" in line]
+    assert len(errors) == 1 and "visible GPU(s), GPUS_PER_NODE=64 wants 64; request them" in errors[0], errors
     info = cluster.wait(bad_key_id, bad_key_log)
     text = bad_key_log.read_text()
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", text[-2000:]
