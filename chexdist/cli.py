@@ -100,20 +100,21 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
 def run_training(args: argparse.Namespace) -> int:
     """Train here (1 process) or in N local worker processes (`chexdist.launcher`), after the same
     `preflight` that `fit` runs, so bad input is refused once, before any worker starts."""
-    from chexdist.engine import preflight
-    from chexdist.train import resolve_config, training_function
-
     if args.nproc < 1:
         raise ChexdistError(f"--nproc must be >= 1, got {args.nproc}")
-    config = resolve_config(args)
-    if args.nproc == 1:
-        return training_function(config, args)
-    preflight(config, args.out, args.resume)
-    import torch
+    from chexdist.launcher import hold_stop_signals, run_workers
 
-    from chexdist.launcher import run_workers
+    with hold_stop_signals():  # a stop signal during the imports and checks still ends in a checkpoint
+        import torch
 
-    return run_workers([sys.executable, "-m", "chexdist.train", *_train_argv(args)], args.nproc, cpu=not torch.cuda.is_available())
+        from chexdist.engine import preflight
+        from chexdist.train import resolve_config, training_function
+
+        config = resolve_config(args)
+        if args.nproc == 1:
+            return training_function(config, args)
+        preflight(config, args.out, args.resume)
+        return run_workers([sys.executable, "-m", "chexdist.train", *_train_argv(args)], args.nproc, cpu=not torch.cuda.is_available())
 
 
 def cmd_train(args: argparse.Namespace) -> int:

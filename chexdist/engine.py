@@ -19,8 +19,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -124,9 +124,13 @@ class StopFlag:
         return self.signum != 0
 
     def __enter__(self) -> StopFlag:
+        from chexdist.launcher import held_stop_signals
+
         if _in_main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            for signum in held_stop_signals():  # arrived while train.py was starting
+                self._handle(signum, None)
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -194,12 +198,15 @@ class Checkpointer:
         acc.wait_for_everyone()
         return final
 
+    @classmethod
+    def check_complete(cls, path: Path) -> None:
+        if not (path / cls.STATE_FILE).is_file():
+            raise ChexdistError(f"{path}: not a complete chexdist checkpoint (no {cls.STATE_FILE})")
+
     def load(self, path: Path) -> None:
-        state_file = path / self.STATE_FILE
-        if not state_file.is_file():
-            raise ChexdistError(f"{path}: not a complete chexdist checkpoint (no {self.STATE_FILE})")
+        self.check_complete(path)
         self.accelerator.load_state(str(path))
-        saved = torch.load(state_file, map_location="cpu", weights_only=True)
+        saved = torch.load(path / self.STATE_FILE, map_location="cpu", weights_only=True)
         self.state.load_state_dict(saved["train_state"])
         self.scheduler.load_state_dict(saved["scheduler"])
 
@@ -219,8 +226,7 @@ def _resolve_resume(out: Path, resume: bool | str | None) -> Path | None:
     path = Path(resume)
     if not path.is_dir():
         raise ChexdistError(f"--resume {path}: not a checkpoint folder")
-    if not (path / Checkpointer.STATE_FILE).is_file():
-        raise ChexdistError(f"{path}: not a complete chexdist checkpoint (no {Checkpointer.STATE_FILE})")
+    Checkpointer.check_complete(path)
     return path
 
 

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from chexdist.config import Config, load_config
-from chexdist.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ChexdistError
+from chexdist.errors import EXIT_BAD_INPUT, ChexdistError
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,16 +68,15 @@ def _refuse(exc: ChexdistError, same_on_all_ranks: bool) -> int:
     return EXIT_BAD_INPUT
 
 
-def _interrupted() -> int:
-    if launch_rank() == 0:
-        print("chexdist: interrupted", file=sys.stderr)
-    return EXIT_INTERRUPTED
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    from chexdist.launcher import follow_launcher
+    from chexdist.launcher import follow_launcher, hold_stop_signals
 
-    follow_launcher()
+    with hold_stop_signals():
+        follow_launcher()
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(description="Train a chest X-ray classifier (one process of a launch).")
     add_train_arguments(parser)
     args = parser.parse_args(argv)
@@ -87,16 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = resolve_config(args)
     except ChexdistError as exc:  # from the command line and files alone: every rank sees the same
         return _refuse(exc, same_on_all_ranks=True)
-    except KeyboardInterrupt:
-        return _interrupted()
     from chexdist.engine import SameOnAllRanks
 
     try:
         return training_function(config, args)
     except ChexdistError as exc:
         return _refuse(exc, same_on_all_ranks=isinstance(exc, SameOnAllRanks))
-    except KeyboardInterrupt:  # Ctrl-C before the loop could take it over
-        return _interrupted()
 
 
 if __name__ == "__main__":

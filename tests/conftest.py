@@ -46,3 +46,15 @@ def synth_shards(synth_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "synth"
     pack_dataset(synth_root, out, PackSettings(split="official", size=64, shard_size=32), workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def train_shards(tmp_path_factory) -> Path:
+    """900 synthetic images packed for training tests (train 672 / val 70 / test 158)."""
+    from chexdist.pack import PackSettings, pack_dataset
+    from chexdist.synth import make_synthetic_nih
+
+    root = tmp_path_factory.mktemp("train-data")
+    make_synthetic_nih(root / "nih", images=900, size=96, seed=0)
+    pack_dataset(root / "nih", root / "shards", PackSettings(split="official", size=72, shard_size=100), workers=2, progress=False)
+    return root / "shards"

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.test_train import train_shards as shards  # noqa: F401  (900 synthetic images, module-scoped)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
 DETERMINISTIC = ("train.epochs=3", "train.deterministic=true", "train.checkpoint_every=5")
@@ -73,10 +72,10 @@ def no_traceback(result: subprocess.CompletedProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory) -> Path:
+def reference(train_shards, tmp_path_factory) -> Path:
     """An unbroken 2-process run, started with `--resume auto` on an empty folder (a fresh start)."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    done = run(train_cmd(shards, out, "--resume", "auto"))
+    done = run(train_cmd(train_shards, out, "--resume", "auto"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" not in done.stdout and not (out / "PREEMPTED").exists()
     assert "on 2 process(es), MULTI_CPU" in done.stdout
@@ -86,24 +85,24 @@ def reference(shards, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_nproc_refuses_in_the_parent_with_one_line(shards, reference, tmp_path):
+def test_nproc_refuses_in_the_parent_with_one_line(train_shards, reference, tmp_path):
     missing = run(train_cmd(tmp_path / "no-shards", tmp_path / "a"), timeout=300)
     assert missing.returncode == 2
-    assert missing.stderr.splitlines() == [f"chexdist: error: {tmp_path / 'no-shards' / 'manifest.json'}: no manifest; pack the data "
-                                           "first (chexdist pack) or point data.shards at a packed dataset"]
+    assert missing.stderr.splitlines() == [(f"chexdist: error: {tmp_path / 'no-shards' / 'manifest.json'}: no manifest; pack the "
+                                            "data first (chexdist pack) or point data.shards at a packed dataset")]
     assert missing.stdout == "" and not (tmp_path / "a").exists()
 
-    taken = run(train_cmd(shards, reference), timeout=300)
+    taken = run(train_cmd(train_shards, reference), timeout=300)
     assert taken.returncode == 2
-    assert taken.stderr.splitlines() == [f"chexdist: error: {reference}: already has checkpoints; pass --resume to continue it "
-                                         "or choose a new --out"]
+    assert taken.stderr.splitlines() == [(f"chexdist: error: {reference}: already has checkpoints; pass --resume to continue "
+                                          "it or choose a new --out")]
     assert taken.stdout == ""
 
 
 @pytest.mark.slow
-def test_sigint_saves_exits_130_without_traceback_and_resumes(shards, reference, tmp_path):
+def test_sigint_saves_exits_130_without_traceback_and_resumes(train_shards, reference, tmp_path):
     out = tmp_path / "ctrl-c"
-    stopped = signal_when(train_cmd(shards, out), checkpoint(out, 5, 0, 5), (signal.SIGINT,))
+    stopped = signal_when(train_cmd(train_shards, out), checkpoint(out, 5, 0, 5), (signal.SIGINT,))
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     no_traceback(stopped)
     info = marker(out)
@@ -112,7 +111,7 @@ def test_sigint_saves_exits_130_without_traceback_and_resumes(shards, reference,
     assert stopped.stderr.count("rerun with --resume") == 1
     assert f"SIGINT: saved checkpoint {info['checkpoint']}" in stopped.stderr
 
-    resumed = run(train_cmd(shards, out, "--resume"))
+    resumed = run(train_cmd(train_shards, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / Path(info['checkpoint']).name}" in resumed.stdout
     assert not (out / "PREEMPTED").exists()
@@ -120,14 +119,14 @@ def test_sigint_saves_exits_130_without_traceback_and_resumes(shards, reference,
 
 
 @pytest.mark.slow
-def test_preemption_in_validation_and_in_training_requeues_and_resumes_exactly(shards, reference, tmp_path):
+def test_preemption_in_validation_and_in_training_requeues_and_resumes_exactly(train_shards, reference, tmp_path):
     """SIGUSR1 while validation reads its shard (a pipe: source that holds the first val read for 4 s
     and leaves a flag, so the signal lands there), then SIGTERM in training, each followed by the
     `--resume auto` a requeued job runs; the end result equals the unbroken run."""
     out, flag = tmp_path / "preempted", tmp_path / "validating"
     script = tmp_path / "slow-val.sh"
     script.write_text('case "$3" in val-*) [ -e "$2" ] || { : > "$2"; sleep 4; } ;; esac\nexec cat "$1/$3"\n')
-    source = f"pipe:sh {script} {shards} {flag} {{name}}"
+    source = f"pipe:sh {script} {train_shards} {flag} {{name}}"
 
     in_validation = signal_when(train_cmd(source, out, "--resume", "auto"), flag, (signal.SIGUSR1,))
     assert in_validation.returncode == 75, in_validation.stderr[-3000:]
@@ -137,7 +136,7 @@ def test_preemption_in_validation_and_in_training_requeues_and_resumes_exactly(s
     assert info["checkpoint"] == str(checkpoint(out, EPOCH_STEPS, 1).resolve())  # right after validation, not in epoch 2
     assert [r["epoch"] for r in metrics(out)] == [1]
 
-    in_training = signal_when(train_cmd(shards, out, "--resume", "auto"), checkpoint(out, 25, 1, 4), (signal.SIGTERM,))
+    in_training = signal_when(train_cmd(train_shards, out, "--resume", "auto"), checkpoint(out, 25, 1, 4), (signal.SIGTERM,))
     assert in_training.returncode == 75, in_training.stderr[-3000:]
     no_traceback(in_training)
     assert f"resumed from {checkpoint(out, EPOCH_STEPS, 1)}" in in_training.stdout
@@ -145,7 +144,7 @@ def test_preemption_in_validation_and_in_training_requeues_and_resumes_exactly(s
     assert info["signal"] == "SIGTERM" and info["epoch"] == 1 and 0 < info["batch"] < EPOCH_STEPS
     assert info["step"] == EPOCH_STEPS + info["batch"]
 
-    finished = run(train_cmd(shards, out, "--resume", "auto"))
+    finished = run(train_cmd(train_shards, out, "--resume", "auto"))
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / Path(info['checkpoint']).name}" in finished.stdout
     assert not (out / "PREEMPTED").exists()
@@ -153,15 +152,16 @@ def test_preemption_in_validation_and_in_training_requeues_and_resumes_exactly(s
 
 
 @pytest.mark.slow
-def test_accelerate_launch_errors_come_from_rank_0_only(shards, tmp_path):
+def test_accelerate_launch_errors_come_from_rank_0_only(train_shards, tmp_path):
     env = {**ENV, "ACCELERATE_USE_CPU": "1"}
     base = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(REPO / "chexdist" / "train.py"),
             "--recipe", "tiny", "--out", str(tmp_path / "run")]
-    bad_key = run([*base, "--shards", str(shards), "--set", "loss.name=hinge"], env=env, timeout=300)
+    bad_key = run([*base, "--shards", str(train_shards), "--set", "loss.name=hinge"], env=env, timeout=300)
     assert bad_key.returncode != 0
     errors = [line for line in bad_key.stderr.splitlines() if line.startswith("chexdist:")]
     assert len(errors) == 1 and errors[0].startswith("chexdist: error: config key 'loss.name': 'hinge'"), bad_key.stderr[-3000:]
+    assert "defaults used instead" not in bad_key.stderr  # the README's flags leave nothing to defaults
 
     no_shards = run([*base, "--shards", str(tmp_path / "none")], env=env, timeout=300)  # found by rank 0's preflight in fit
     assert no_shards.returncode != 0

@@ -23,17 +23,6 @@ TRAIN_PY = str(REPO / "chexdist" / "train.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module")
-def train_shards(tmp_path_factory) -> Path:
-    from chexdist.pack import PackSettings, pack_dataset
-    from chexdist.synth import make_synthetic_nih
-
-    root = tmp_path_factory.mktemp("train-data")
-    make_synthetic_nih(root / "nih", images=900, size=96, seed=0)
-    pack_dataset(root / "nih", root / "shards", PackSettings(split="official", size=72, shard_size=100), workers=2, progress=False)
-    return root / "shards"
-
-
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=kw.pop("env", ENV), **kw)
 
