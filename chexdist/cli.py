@@ -34,7 +34,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from chexdist.pack import PackSettings, pack_dataset, unscorable_splits
+    from chexdist.pack import PackSettings, merge_tasks, pack_dataset, pack_task, unscorable_splits
 
     settings = PackSettings(
         split=args.split,
@@ -52,7 +52,21 @@ def cmd_pack(args: argparse.Namespace) -> int:
         val_list=args.val_list,
         test_list=args.test_list,
     )
-    manifest = pack_dataset(args.nih_root, args.out, settings, workers=args.workers, progress=not args.quiet)
+    if args.task_index is not None:
+        if args.merge or args.num_tasks is None:
+            raise ChexdistError("--task-index needs --num-tasks N and excludes --merge")
+        record = pack_task(args.nih_root, args.out, settings, args.task_index, args.num_tasks,
+                           workers=args.workers, progress=not args.quiet)
+        print(f"task {args.task_index} of {args.num_tasks}: packed {len(record['shards'])} shard(s), "
+              f"{record['samples']} samples, {record['errors']} skipped, into {args.out}; "
+              "run --merge when every task is done")
+        return 0
+    if args.merge:
+        manifest = merge_tasks(args.nih_root, args.out, settings, num_tasks=args.num_tasks)
+    elif args.num_tasks is not None:
+        raise ChexdistError("--num-tasks goes with --task-index I (one array task) or --merge")
+    else:
+        manifest = pack_dataset(args.nih_root, args.out, settings, workers=args.workers, progress=not args.quiet)
     counts = ", ".join(f"{s} {v['samples']} ({v['patients']} patients)" for s, v in manifest["splits"].items())
     print(f"packed {counts} into {args.out}")
     missing = manifest["missing"]
@@ -372,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("train", "val", "test"):
         p.add_argument(f"--{name}-list", default=None, metavar="FILE",
                        help=f"lists: {name} image names, one per line, optionally followed by 14 labels 0/1")
+    p.add_argument("--task-index", type=int, default=None, metavar="I",
+                   help="array job: pack only shards i with i %% N == I (no manifest; see --merge)")
+    p.add_argument("--num-tasks", type=int, default=None, metavar="N", help="array job: number of tasks")
+    p.add_argument("--merge", action="store_true",
+                   help="after all array tasks: verify their shards and write manifest.json + errors.jsonl")
     p.set_defaults(func=cmd_pack)
 
     shards = sub.add_parser("shards", help="inspect or verify packed shards").add_subparsers(dest="shards_command", required=True)

@@ -288,14 +288,9 @@ def _load_state(out: Path, settings: PackSettings, source_sha: str) -> dict[str,
     return done
 
 
-def pack_dataset(
-    nih_root: str | os.PathLike,
-    out: str | os.PathLike,
-    settings: PackSettings = PackSettings(),
-    workers: int = 1,
-    progress: bool = True,
-) -> dict:
-    """Pack (or finish packing) `nih_root` into `out`; returns the manifest."""
+def _prepare(nih_root, out, settings: PackSettings, workers: int):
+    """Shared by a whole pack, one array task and the merge: the deterministic shard plan and the
+    records of shards already finished (by any process, in any earlier run)."""
     settings.validate()
     if workers < 1:
         raise ChexdistError(f"--workers {workers} must be >= 1")
@@ -305,11 +300,10 @@ def pack_dataset(
     source_sha = sha256_file(release.csv_path)
     plans, missing = plan_shards(release, settings)
     done = _load_state(out, settings, source_sha)
-    (out / MANIFEST).unlink(missing_ok=True)
-    todo = [p for p in plans if p.name not in done]
-    for stale in out.glob(".*.tar.tmp"):
-        stale.unlink()
+    return release, out, source_sha, plans, missing, done
 
+
+def _pack_plans(out: Path, todo: list[ShardPlan], settings: PackSettings, workers: int, progress: bool, done: dict) -> None:
     from tqdm.auto import tqdm
 
     total = sum(len(p.rows) for p in todo)
@@ -326,6 +320,9 @@ def pack_dataset(
             bar.update(record["samples"] + len(record["errors"]))
     bar.close()
 
+
+def _finish(out: Path, release: NihRelease, settings: PackSettings, source_sha: str, plans: list[ShardPlan],
+            missing: pd.DataFrame, done: dict) -> dict:
     records = [done[p.name] for p in plans]
     listed_missing = [] if settings.only_present else [
         {"image": image, "path": None, "split": None, "reason": "missing: listed in the CSV, no file under --nih-root"}
@@ -368,6 +365,85 @@ def _split_statistics(records: list[dict], split: str) -> dict | None:
     if any("image_stats" not in r for r in mine):
         return None
     return summarize_statistics([row for r in mine for row in r["image_stats"]])
+
+
+def pack_dataset(
+    nih_root: str | os.PathLike,
+    out: str | os.PathLike,
+    settings: PackSettings = PackSettings(),
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Pack (or finish packing) `nih_root` into `out`; returns the manifest."""
+    release, out, source_sha, plans, missing, done = _prepare(nih_root, out, settings, workers)
+    (out / MANIFEST).unlink(missing_ok=True)
+    todo = [p for p in plans if p.name not in done]
+    for stale in out.glob(".*.tar.tmp"):
+        stale.unlink()
+    _pack_plans(out, todo, settings, workers, progress, done)
+    return _finish(out, release, settings, source_sha, plans, missing, done)
+
+
+def task_record_name(task_index: int, num_tasks: int) -> str:
+    return f"task-{task_index:05d}-of-{num_tasks:05d}.json"
+
+
+def pack_task(
+    nih_root: str | os.PathLike,
+    out: str | os.PathLike,
+    settings: PackSettings,
+    task_index: int,
+    num_tasks: int,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
+    """One task of an array job (e.g. SLURM's): pack the planned shards i with i % num_tasks ==
+    task_index, record them in `.pack/task-I-of-N.json`, write no manifest. Tasks share nothing but
+    the folder; `merge_tasks` then writes the manifest. Resumable like a whole pack."""
+    if num_tasks < 1 or not 0 <= task_index < num_tasks:
+        raise ChexdistError(f"--task-index {task_index} must be in 0..{num_tasks - 1} (--num-tasks {num_tasks})")
+    release, out, source_sha, plans, missing, done = _prepare(nih_root, out, settings, workers)
+    (out / MANIFEST).unlink(missing_ok=True)
+    mine = [p for i, p in enumerate(plans) if i % num_tasks == task_index]
+    todo = [p for p in mine if p.name not in done]
+    for plan in todo:  # only this task's leftovers: other tasks may be writing theirs right now
+        (out / f".{plan.name}.tmp").unlink(missing_ok=True)
+    _pack_plans(out, todo, settings, workers, progress, done)
+    record = {
+        "task_index": task_index,
+        "num_tasks": num_tasks,
+        "shards": [p.name for p in mine],
+        "samples": sum(done[p.name]["samples"] for p in mine),
+        "errors": sum(len(done[p.name]["errors"]) for p in mine),
+    }
+    atomic_write_json(out / STATE_DIR / task_record_name(task_index, num_tasks), record)
+    return record
+
+
+def merge_tasks(
+    nih_root: str | os.PathLike,
+    out: str | os.PathLike,
+    settings: PackSettings,
+    num_tasks: int | None = None,
+) -> dict:
+    """After all `pack_task`s: check that every planned shard is recorded and its bytes match the
+    record (sha256), then write errors.jsonl and the manifest, exactly as a whole pack would."""
+    if not (Path(out) / STATE_DIR / "settings.json").is_file():
+        raise ChexdistError(f"{out}: no pack task has run here (no {STATE_DIR}/settings.json); run the array tasks first")
+    release, out, source_sha, plans, missing, done = _prepare(nih_root, out, settings, 1)
+    absent = [(i, p.name) for i, p in enumerate(plans) if p.name not in done]
+    if absent:
+        tasks = sorted({i % num_tasks for i, _ in absent}) if num_tasks else []
+        which = f" (from task(s) {', '.join(map(str, tasks))} of {num_tasks})" if tasks else ""
+        raise ChexdistError(
+            f"{out}: {len(absent)} of {len(plans)} shards are not packed, e.g. {absent[0][1]}{which}; "
+            "rerun those tasks, then --merge"
+        )
+    for plan in plans:
+        if sha256_file(out / plan.name) != done[plan.name]["sha256"]:
+            raise ChexdistError(f"{out / plan.name}: sha256 differs from its record in {STATE_DIR}/; delete the shard and rerun its task")
+    return _finish(out, release, settings, source_sha, plans, missing, done)
+
 
 
 def _build_manifest(release: NihRelease, settings: PackSettings, source_sha: str, records: list[dict], errors: list[dict]) -> dict:
