@@ -51,6 +51,7 @@ class PackSettings:
     fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
     stratify: bool = False
     only_present: bool = False
+    train_list: str | None = None
     val_list: str | None = None
     test_list: str | None = None
 

@@ -40,7 +40,7 @@ from chexdist.config import (
     load_yaml,
 )
 from chexdist.errors import ChexdistError
-from chexdist.io import append_jsonl, atomic_write_text
+from chexdist.fileio import append_jsonl, atomic_write_text, dumps_json
 
 log = logging.getLogger("chexdist")
 
@@ -269,7 +269,7 @@ def _staged_checkpoint(run: Path, state: dict[str, Any]) -> Iterator[Path]:
                 _link_or_copy(run / name, stage / name)
         latest = list_checkpoints(run)[-1]
         shutil.copytree(latest, stage / "checkpoints" / latest.name, copy_function=_link_or_copy)
-        (stage / STATE_FILE).write_text(json.dumps(state))  # a copy: the run folder's own may be rewritten
+        (stage / STATE_FILE).write_text(dumps_json(state))  # a copy: the run folder's own may be rewritten
         yield stage
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -362,7 +362,7 @@ def _fit_trial(config: Config, overrides: dict[str, Any], run: Path, checkpoint,
 
     if is_main:
         run.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run / STATE_FILE, json.dumps(state))
+        atomic_write_text(run / STATE_FILE, dumps_json(state))
     fit(config, run, resume=resume or None, report=report, accelerator=accelerator, progress=False)
 
 
@@ -513,7 +513,7 @@ def plan_search(args: argparse.Namespace) -> SearchPlan:
             raise ChexdistError(f"{flag} {value}: must be >= {low}")
     if args.address is None:
         check_shards_visible(config.data.shards)
-        from chexdist.data import load_manifest
+        from chexdist.shardformat import load_manifest
 
         load_manifest(config.data.shards)
     if args.search == "optuna":
