@@ -126,7 +126,7 @@ def test_train_sbatch_two_cpu_processes_completes(unbroken):
     log = unbroken.parent / "run.out"
     text = log.read_text()
     assert "1 machine(s) x 2 process(es), CPU" in text
-    assert "on 2 process(es), MULTI_CPU" in text
+    assert "on 2 processes (MULTI_CPU" in text
     assert (unbroken / "best.safetensors").stat().st_size > 0
     best = json.loads((unbroken / "best.json").read_text())
     records = epochs(unbroken)
