@@ -712,7 +712,7 @@ def write_outputs(grid, plan: SearchPlan) -> dict[str, Any]:
         best_recipe = str(out / "best.yaml")
         write_best_recipe(out / "best.yaml", plan, grid, top)
     columns = ["trial", "status", "epochs", "best_val_auc_mean", "best_val_f1_mean", "best_val_ap_mean", *plan.space.params]
-    text = ok.head(5)[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(ok) else "no trial reported a result"
+    text = ok.head(5)[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-") if len(ok) else "no trial reported a result"
     return {"table": f"top {min(5, len(ok))} of {len(table)} trial(s) by {METRIC}:\n{text}", "trials": len(table),
             "errors": int((table["status"] == "ERROR").sum()) if len(table) else 0, "best_recipe": best_recipe}
 
