@@ -331,7 +331,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(f"wrote {result['out']} (metrics.json, per_class.csv, predictions.csv, report.md"
           f"{', ' + ', '.join(result['figures']) if result['figures'] else ''})")
+    if args.localize:
+        return _localize_split(args, result)
     return 0
+
+
+def _localize_split(args: argparse.Namespace, result: dict) -> int:
+    """Grad-CAM box scores on the evaluated split's own images (found under --images by file stem)."""
+    import csv
+
+    from chexdist.cam import format_localization, localize, write_localization
+    from chexdist.inputs import expand_inputs
+
+    if not args.images:
+        raise ChexdistError("--localize needs --images DIR (the image files of the evaluated split, e.g. the NIH root)")
+    with open(os.path.join(result["out"], "predictions.csv"), newline="") as f:
+        keys = {row["image"] for row in csv.DictReader(f)}
+    files, _ = expand_inputs(args.images)
+    mine = [path for path in files if path.stem in keys]
+    if not mine:
+        raise ChexdistError(f"--images {' '.join(args.images)}: none of the {len(keys)} {result['split']} images is there")
+    out = os.path.join(result["out"], "localization")
+    report = localize(args.run, mine, args.localize, box_frame=args.box_frame, n_boot=args.bootstrap, seed=args.seed,
+                      level=args.level, out_dir=out, progress=not args.no_progress)
+    print(f"localization on {len(mine)} of {len(keys)} {result['split']} images:")
+    print(format_localization(report))
+    print(f"report: {write_localization(report, out)}")
+    return _report_failures(report["failures"])
 
 
 def cmd_import_checkpoint(args: argparse.Namespace) -> int:
@@ -496,6 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paired patient bootstrap + DeLong of AUROC(B) - AUROC(A) on the same evaluated images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("--localize", default=None, metavar="BBOX_CSV",
+                   help="also score Grad-CAM against these boxes (BBox_List_2017.csv) on the split's images (--images)")
+    p.add_argument("--images", nargs="+", default=None, metavar="DIR",
+                   help="--localize: folders/files holding the split's images (e.g. the NIH root)")
+    p.add_argument("--box-frame", type=int, default=1024,
+                   help="--localize: box coordinates are pixels of this square frame (NIH: 1024; 0 = the files' own)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("import-checkpoint", help="turn a CheXNet-format checkpoint into best.safetensors + best.json")

@@ -181,3 +181,26 @@ def test_boxes_the_crop_removes_are_counted_not_scored(trained_run, eval_shards,
     expected = [40 * scale - 8, 50 * scale - 8, 120 * scale - 8, 110 * scale - 8]
     assert record["finding"] == "Mass" and record["box"] == pytest.approx(expected, abs=1e-3)
     assert report["per_finding"]["Effusion"]["boxes"] == 0 and report["per_finding"]["Effusion"]["pointing_hit_rate"] is None
+
+
+def test_evaluate_localize_scores_only_the_evaluated_splits_images(trained_run, eval_shards, tmp_path):
+    """`chexdist evaluate --localize` scores Grad-CAM on the boxes of the scored split's own images:
+    every box of a test image is scored or counted outside the crop, and no box of another split is."""
+    import csv
+
+    from chexdist.cam import BBOX_FINDINGS
+    from chexdist.nih import read_bbox_list
+
+    nih = eval_shards.parent / "nih"
+    out = tmp_path / "eval"
+    code = cli.main(["evaluate", "--run", str(trained_run), "--out", str(out), "--bootstrap", "20", "--no-plots",
+                     "--no-progress", "--localize", str(nih / "BBox_List_2017.csv"), "--images", str(nih)])
+    assert code == 0
+    with open(out / "predictions.csv", newline="") as f:
+        test_keys = {row["image"] for row in csv.DictReader(f)}
+    boxes = read_bbox_list(nih / "BBox_List_2017.csv")
+    boxes = boxes[boxes["label"].isin(BBOX_FINDINGS)]
+    on_test = boxes["image"].map(lambda name: name.rsplit(".", 1)[0]).isin(test_keys)
+    report = json.loads((out / "localization" / "localization.json").read_text())
+    assert 0 < on_test.sum() < len(boxes)
+    assert report["boxes_scored"] + report["boxes_outside_crop"] == on_test.sum()
