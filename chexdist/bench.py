@@ -470,7 +470,9 @@ def reads_suite(ranks: int = 8, workers: int = 8, shards: int = 80, count: int =
     measured). Every rank's loader runs in this process one after another, with its real worker
     processes. "local": a shard folder (readers seek to their first sample with the offset index);
     "stream": the same shards through `pipe:cat` (readers read each shard from its start, as with
-    object stores). read_ratio = bytes read / bytes of the train shards (1.0 = each byte once).
+    object stores); "stream-ranged": through a `pipe:` command with an `{offset}` placeholder
+    (`tail -c`, standing in for an object store's byte-range GET), so readers start at their first
+    sample's byte. read_ratio = bytes read / bytes of the train shards (1.0 = each byte once).
     """
     from chexdist.pack import PackSettings, pack_dataset
     from chexdist.synth import make_synthetic_nih
@@ -483,7 +485,9 @@ def reads_suite(ranks: int = 8, workers: int = 8, shards: int = 80, count: int =
         manifest = pack_dataset(Path(tmp) / "nih", out, settings, workers=2, progress=False)
         train = manifest["splits"]["train"]
         dataset_bytes = sum(s["bytes"] for s in train["shards"])
-        for name, where in (("local", str(out)), ("stream", f"pipe:cat {out}/{{name}}")):
+        sources = (("local", str(out)), ("stream", f"pipe:cat {out}/{{name}}"),
+                   ("stream-ranged", f"pipe:tail -c +$(({{offset}} + 1)) {out}/{{name}}"))
+        for name, where in sources:
             read = 0
             for rank in range(ranks):
                 loader, _ = build_train_loader(where, batch_size, transform, workers, ranks, rank, seed=0, epoch=0, manifest=manifest)

@@ -15,6 +15,10 @@ Where the shards live (`shard_dir`, the `data.shards` config key) is one of:
   copy is given (``manifest=`` argument or :func:`load_manifest` ``manifest_path``);
 - an ``http(s)://`` / ``file://`` base URL without ``{name}``: ``/{name}`` is appended.
 
+A ``pipe:`` template may also hold ``{offset}``: a command that streams the shard from that byte
+(``pipe:curl -fsL -r {offset}- https://host/nih/{name}``), so a reader starts at its first sample
+as in a local file (see :func:`chexdist.shardformat.iter_tar`).
+
 Sample positions, not whole shards, are divided among ranks and workers, planned here from the
 manifest counts: webdataset's split_by_node / split_by_worker split by shard, so they cannot give
 every rank the same number of samples, and DDP would then hang (a rank waits in a collective another
@@ -596,8 +600,9 @@ def build_train_loader(
     batch) (the caller's global generators are left untouched), so the loader can start at any batch:
     `start_batch=k` (or `loader.set_epoch(epoch, k)`) yields batches k..num_batches-1 exactly as an
     uninterrupted pass would, without decoding the first k. Local shards are opened at each reader's
-    first sample (the manifest's offset index, or one rebuilt from the tar headers); streams (pipe:,
-    http) are read from their start.
+    first sample (the manifest's offset index, or one rebuilt from the tar headers), and so are
+    streams whose template holds ``{offset}`` (the manifest's index); other streams (pipe:, http) are
+    read from their start.
 
     normalize_in_loader=False: workers stop before normalization and batches carry uint8
     [B,1,H,W]; apply `loader.normalize` on the device (12x less data through IPC and PCIe).

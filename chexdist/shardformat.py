@@ -37,10 +37,18 @@ def resolve(shard_dir: str | os.PathLike, name: str) -> str:
     return os.path.join(source, name)
 
 
+OFFSET = "{offset}"
+
+
+def at_offset(url: str, start: int = 0) -> str:
+    """`url` with its `{offset}` placeholder (a byte-range stream, see :func:`iter_tar`) set to `start`."""
+    return url.replace(OFFSET, str(start))
+
+
 def _open(url: str):
     from webdataset.gopen import gopen
 
-    return gopen(url, "rb")
+    return gopen(at_offset(url), "rb")
 
 
 def load_manifest(shard_dir: str | os.PathLike, manifest_path: str | os.PathLike | None = None) -> dict:
@@ -156,8 +164,10 @@ def iter_tar(
 
     webdataset's tar_file_iterator + group_by_keys over a gopen stream (tarfile in stream mode, so
     files and pipes alike). With `offsets` (:func:`sample_offsets`) a local shard is opened at sample
-    `skip`'s header, so nothing before it is read; a stream (pipe:, http) reads through the skipped
-    samples. Reading stops once `take` samples are out; `on_read(n)` sees every chunk read.
+    `skip`'s header, so nothing before it is read; so is a stream whose URL holds an `{offset}`
+    placeholder (a command that starts at that byte, e.g. ``pipe:curl -s -r {offset}- https://h/{name}``),
+    which is set to that header's byte offset (0 without offsets). Any other stream (pipe:, http)
+    reads through the skipped samples. Reading stops once `take` samples are out; `on_read(n)` sees every chunk read.
     A corrupt first header or a cut inside a member raises tarfile.ReadError, but tarfile takes a
     corrupt later header, or a cut between members, for the end of the archive: the shard just ends
     early, so callers check the count against the manifest (`data._read_segments`).
@@ -166,12 +176,12 @@ def iter_tar(
 
     path = local_path(url)
     start = 0
-    if path is not None and offsets is not None and 0 < skip < len(offsets):
+    if (path is not None or OFFSET in url) and offsets is not None and 0 < skip < len(offsets):
         start, skip = offsets[skip], 0
-    stream = open(path, "rb") if path is not None else _open(url)
+    stream = open(path, "rb") if path is not None else _open(at_offset(url, start))
     finished = False
     try:
-        if start:
+        if start and path is not None:
             stream.seek(start)
         source = _Counted(stream, on_read) if on_read is not None else stream
         samples = group_by_keys({**f, "__url__": url} for f in tar_file_iterator(source))

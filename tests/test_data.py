@@ -507,7 +507,7 @@ def test_sample_offsets_open_a_shard_at_any_sample(uneven, tmp_path):
     url = str(root / "train-000002.tar")
     offsets = sample_offsets(url)
     assert len(offsets) == 12 and offsets[0] == 0
-    read = {"seek": 0, "through": 0}
+    read = {"seek": 0, "through": 0, "ranged": 0}
 
     def counter(name):
         def add(n):
@@ -520,6 +520,10 @@ def test_sample_offsets_open_a_shard_at_any_sample(uneven, tmp_path):
     assert read["through"] >= offsets[10] > read["seek"] > 0
     template = f"pipe:cat {root}/{{name}}"
     assert [s["__key__"] for s in iter_tar(template.format(name="train-000002.tar"), 10, 1, offsets=offsets)] == seek
+    ranged = f"pipe:tail -c +$(({{offset}} + 1)) {url}"
+    assert [s["__key__"] for s in iter_tar(ranged, 10, 1, offsets=offsets, on_read=counter("ranged"))] == seek
+    assert read["ranged"] == read["seek"]
+    assert [s["__key__"] for s in iter_tar(ranged, 0, 2)] == keys["train"][10:12]
 
 
 @pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
@@ -554,6 +558,36 @@ def test_local_readers_skip_prefixes_that_streams_reread(uneven):
     local, stream = read[str(root)], read[f"pipe:cat {root}/{{name}}"]
     assert same_batches(got[str(root)], got[f"pipe:cat {root}/{{name}}"])
     assert 0 < local < stream and local < 2 * dataset
+
+
+def test_ranged_pipe_readers_start_at_their_first_sample(uneven):
+    """A pipe: template with an {offset} placeholder (byte-range streams) reads each byte of one epoch
+    once, like a folder: bytes_read equals the folder's (the epoch's ceil wrap included), with the same
+    batches as reading through; without the placeholder the stream re-reads prefixes."""
+    from chexdist.shardformat import sample_offsets
+
+    root, _ = uneven
+    manifest = load_manifest(root)
+    bare = json.loads(json.dumps(manifest))
+    for record in manifest["splits"]["train"]["shards"]:
+        record["offsets"] = sample_offsets(root / record["name"])
+    read, got = {}, {}
+    sources = {"local": root, "ranged": f"pipe:tail -c +$(({{offset}} + 1)) {root}/{{name}}", "through": f"pipe:cat {root}/{{name}}"}
+    for name, where in sources.items():
+        read[name], got[name] = 0, []
+        for rank in range(3):
+            loader, _ = build_train_loader(where, 2, EVAL, 2, 3, rank, seed=1, epoch=0, manifest=manifest)
+            got[name] += batches_of(loader)
+            read[name] += loader.bytes_read
+    assert same_batches(got["ranged"], got["local"]) and same_batches(got["ranged"], got["through"])
+    assert read["ranged"] == read["local"] < read["through"]
+    unindexed = 0
+    for rank in range(3):  # a manifest without offsets: the placeholder is 0 and readers read through
+        loader, _ = build_train_loader(sources["ranged"], 2, EVAL, 2, 3, rank, seed=1, epoch=0, manifest=bare)
+        batches_of(loader)
+        unindexed += loader.bytes_read
+    assert unindexed == read["through"]
+    assert load_manifest(sources["ranged"]) == bare
 
 
 def test_persistent_workers_follow_set_epoch(uneven):
