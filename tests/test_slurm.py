@@ -5,6 +5,7 @@ If SLURM cannot start, every test here fails with the reason (never skipped)."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -12,9 +13,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -27,6 +30,8 @@ SLURM = REPO / "slurm"
 SCRIPTS = sorted(str(p) for p in SLURM.iterdir() if p.suffix in (".sh", ".sbatch"))
 # Small enough for 2 cores, long enough (4 epochs of 11 steps per rank) to be signalled mid-run.
 SETS = "train.epochs=4 data.batch_size=8"
+# A tune trial small enough that 2 of them plus Ray's start fit in about a minute on 2 cores.
+TUNE_SETS = ("data.batch_size=8", "data.image_size=40", "data.eval_resize=48", "data.max_train_batches=4", "eval.bootstrap=0")
 
 
 def sh(*cmd: str, env: dict | None = None, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -42,9 +47,9 @@ class Cluster:
     def __init__(self, env: dict[str, str], state: Path):
         self.env, self.state = env, state
 
-    def sbatch(self, *args: str, settings: dict[str, str], workdir: Path) -> str:
-        """Submit train.sbatch with `settings` as environment variables (what --export=ALL passes on)."""
-        out = sh("sbatch", "--parsable", f"--chdir={workdir}", *args, str(SLURM / "train.sbatch"),
+    def sbatch(self, *args: str, settings: dict[str, str], workdir: Path, script: str = "train.sbatch") -> str:
+        """Submit `script` with `settings` as environment variables (what --export=ALL passes on)."""
+        out = sh("sbatch", "--parsable", f"--chdir={workdir}", *args, str(SLURM / script),
                  env={**self.env, **settings})
         return out.stdout.strip().split(";")[0]
 
@@ -136,28 +141,51 @@ def test_train_sbatch_two_cpu_processes_completes(unbroken):
     assert not (unbroken / "PREEMPTED").exists()
 
 
-def test_preempted_job_requeues_resumes_and_finishes_like_an_unbroken_run(cluster, shards, unbroken, tmp_path):
+def test_preempted_in_validation_then_in_training_requeues_resumes_and_finishes_like_an_unbroken_run(
+        cluster, shards, unbroken, tmp_path):
+    """USR1 while epoch 1's validation reads its shard, then USR1 in the restarted job's training. A
+    pipe: source holds the first val read for 6 s (flag `validating`), and, once the test arms it
+    after the restart, the first train read (flag `training`), so each signal lands where intended.
+    The source ignores USR1: SLURM delivers a step's signal to every process of the step, the shard
+    reader included (see slurm/README.md)."""
     out = tmp_path / "run"
-    job_id, log = train_job(cluster, tmp_path, out, "--cpus-per-task=2", SHARDS=str(shards), PROCS_PER_NODE="2")
+    script = tmp_path / "slow-read.sh"
+    script.write_text(
+        "trap '' USR1\n"
+        'case "$3" in\n'
+        '  val-*) [ -e "$2/validating" ] || { : > "$2/validating"; sleep 6; } ;;\n'
+        '  train-*) [ -e "$2/armed" ] && [ ! -e "$2/training" ] && { : > "$2/training"; sleep 6; } ;;\n'
+        "esac\n"
+        'exec cat "$1/$3"\n')
+    source = f"pipe:exec sh {script} {shards} {tmp_path} {{name}}"
+    job_id, log = train_job(cluster, tmp_path, out, "--cpus-per-task=2", SHARDS=source, PROCS_PER_NODE="2")
 
-    def lines() -> int:
-        return len(epochs(out)) if (out / "metrics.jsonl").exists() else 0
+    def log_text() -> str:
+        return log.read_text() if log.exists() else ""
 
-    wait_for(lambda: lines() >= 1, "epoch 1", log)
-    cluster.signal_batch(job_id)  # during epoch 2's training steps
-    wait_for(lambda: "resumed from" in (log.read_text() if log.exists() else "") and lines() >= 2,
-             "the restarted job's first epoch", log)
-    cluster.signal_batch(job_id)  # and again, in the restarted job
+    wait_for((tmp_path / "validating").exists, "epoch 1's validation", log)
+    cluster.signal_batch(job_id)  # while validation waits for its shard
+    wait_for(lambda: "resumed from" in log_text(), "the restarted job", log)
+    (tmp_path / "armed").touch()
+    wait_for((tmp_path / "training").exists, "a train shard read in the restarted job", log)
+    cluster.signal_batch(job_id)  # while training waits for its shard
     info = cluster.wait(job_id, log)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
     assert info["Restarts"] == "2", text[-3000:]
-    assert "restart 1 on" in text and "restart 2 on" in text
+    assert "restart 0 on" in text and "restart 1 on" in text and "restart 2 on" in text
     # Each restart loaded the checkpoint that the preempted attempt reported in OUT/PREEMPTED.
     saved = [json.loads(m)["checkpoint"] for m in re.findall(r"checkpoint saved \((\{.*?\})\); requeueing", text)]
     resumed = re.findall(r"resumed from (\S+) \(", text)
     assert len(saved) == 2 and resumed == saved, text[-3000:]
-    assert all(Path(c).name.startswith("step") for c in saved)
+    # The signal in validation: the end-of-epoch-1 checkpoint, saved right after validation (not 10
+    # steps into epoch 2), with epoch 1's metrics already written by the first attempt.
+    steps = epochs(unbroken)[0]["step"]
+    assert Path(saved[0]).name == f"step{steps:09d}-epoch0001-batch000000", saved
+    # The signal in training: a mid-epoch checkpoint of a later epoch.
+    found = re.fullmatch(r"step(\d+)-epoch(\d+)-batch(\d+)", Path(saved[1]).name)
+    assert found and int(found[2]) >= 1 and int(found[3]) > 0, saved
+    assert "skipped" not in text, text[-3000:]  # every shard read in full, the held ones included
     assert not (out / "PREEMPTED").exists()
     # Not from scratch: every epoch exactly once, with the unbroken run's numbers.
     got, want = epochs(out), epochs(unbroken)
@@ -167,6 +195,40 @@ def test_preempted_job_requeues_resumes_and_finishes_like_an_unbroken_run(cluste
     got_weights, want_weights = load_file(out / "best.safetensors"), load_file(unbroken / "best.safetensors")
     assert got_weights.keys() == want_weights.keys()
     assert all(torch.equal(got_weights[k], want_weights[k]) for k in want_weights)
+
+
+def test_tune_sbatch_runs_a_search_on_a_ray_cluster_and_stops_it(cluster, shards, tmp_path):
+    """tune.sbatch on the local cluster: Ray head in an srun step, 2 trials x 1 epoch of the tiny
+    space, results, and no Ray process of the job left afterwards (found by its own temp folder)."""
+    ray_temp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths
+    storage, log = tmp_path / "tune", tmp_path / "tune.out"
+    try:
+        settings = {"SPACE": "tiny", "RECIPE": "tiny", "SHARDS": str(shards), "TRIALS": "2", "MAX_EPOCHS": "1",
+                    "STORAGE": str(storage), "NAME": "search", "RAY_TEMP": str(ray_temp / "t"),
+                    "RAY_TMPDIR": str(ray_temp), "RAY_AUTH_MODE": "disabled", "CPUS_PER_TRIAL": "1",
+                    "TUNE_ARGS": "--scheduler fifo --seed 0 " + " ".join(f"--set {s}" for s in TUNE_SETS)}
+        job_id = cluster.sbatch(f"--output={log}", "--cpus-per-task=2", settings=settings, workdir=tmp_path,
+                                script="tune.sbatch")
+        info = cluster.wait(job_id, log, timeout=300)
+        text = log.read_text()
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
+        assert "Ray head" in text and "search exited with code 0; stopping Ray" in text
+        with open(storage / "search" / "results.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 2, rows
+        assert [(r["status"], r["epochs"]) for r in rows] == [("DONE", "1")] * 2, rows
+        aucs = [float(r["best_val_auc_mean"]) for r in rows]
+        assert all(0.0 <= a <= 1.0 for a in aucs), aucs
+        assert (storage / "search" / "best.yaml").stat().st_size > 0
+        assert not (ray_temp / "t").exists()  # the script removed its Ray temp folder
+        left = [p.info for p in psutil.process_iter(["pid", "cmdline"])
+                if any(str(ray_temp) in part for part in (p.info["cmdline"] or []))]
+        assert left == [], left
+    finally:
+        for p in psutil.process_iter(["cmdline"]):  # only this test's Ray, if an assertion failed above
+            if any(str(ray_temp) in part for part in (p.info["cmdline"] or [])):
+                p.kill()
+        shutil.rmtree(ray_temp, ignore_errors=True)
 
 
 def test_two_srun_tasks_as_two_machines_train_one_run(cluster, shards, unbroken, tmp_path):
