@@ -309,7 +309,9 @@ def _pack_plans(out: Path, todo: list[ShardPlan], settings: PackSettings, worker
 
     total = sum(len(p.rows) for p in todo)
     bar = tqdm(total=total, desc=f"pack {out.name}", unit="img", disable=not (progress and interactive()) or total == 0)
-    tasks = [(out, plan, settings) for plan in todo]
+    # Largest first (a split's last, smaller shard goes last): the pool's tail, where one worker
+    # finishes alone, is then as short as whole-shard tasks allow.
+    tasks = [(out, plan, settings) for plan in sorted(todo, key=lambda plan: len(plan.rows), reverse=True)]
     with contextlib.ExitStack() as stack:
         if workers > 1 and len(todo) > 1:
             pool = stack.enter_context(ProcessPoolExecutor(max_workers=min(workers, len(todo))))
