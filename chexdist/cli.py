@@ -309,7 +309,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.run or args.checkpoint != "best":
             raise ChexdistError("--compare A B takes the two runs' eval-<split>/predictions.csv; drop --run/--checkpoint")
         result = compare_runs(*args.compare, split=args.split, n_boot=args.bootstrap or 1000, seed=args.seed,
-                              level=args.level, out=args.out)
+                              level=args.level or 0.95, out=args.out)
         m = result["macro"]
         show = lambda v, sign="": "n/a" if v is None else f"{v:{sign}.4f}"  # noqa: E731
         print(f"macro AUROC {show(m['auc_a'])} (a) vs {show(m['auc_b'])} (b): b - a = {show(m['diff'], '+')} "
@@ -512,8 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split of the shards to score (test)")
     p.add_argument("--checkpoint", default="best", help="best, or a .safetensors file with its .json beside it")
     p.add_argument("--shards", default=None, help="shard folder (default: the one the run was trained on)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the 95%% CIs (0 = none)")
-    p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
+    p.add_argument("--bootstrap", type=int, default=None,
+                   help="patient resamples for the CIs (0 = none; default: the run's eval.bootstrap, 1000 in the recipes)")
+    p.add_argument("--level", type=float, default=None,
+                   help="confidence level of the intervals (default: the run's eval.ci_level, 0.95 in the recipes)")
     p.add_argument("--ci", default="percentile", choices=("percentile", "bca"),
                    help="bootstrap interval: percentile, or bca (scipy.stats.bootstrap over patients; needs scipy)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")

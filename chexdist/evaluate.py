@@ -366,12 +366,17 @@ def _split_notes(split: str, info: dict[str, Any], manifest: dict[str, Any], tun
 
 
 def evaluate_run(run: str | os.PathLike, split: str = "test", checkpoint: str | None = "best",
-                 shards: str | None = None, n_boot: int = 1000, out: str | os.PathLike | None = None,
-                 seed: int = 0, level: float = 0.95, progress: bool = True, plots: bool = True,
+                 shards: str | None = None, n_boot: int | None = None, out: str | os.PathLike | None = None,
+                 seed: int = 0, level: float | None = None, progress: bool = True, plots: bool = True,
                  ci_method: str = "percentile", accelerator=None) -> dict[str, Any] | None:
     """Score `run` on `split`; the main process writes the report and returns its metrics, other
-    ranks return None. Works in 1 process or under `accelerate launch` (each sample scored once)."""
+    ranks return None. Works in 1 process or under `accelerate launch` (each sample scored once).
+    `n_boot` and `level` default to the run's own `eval.bootstrap` and `eval.ci_level`."""
     loaded = load_run(run, checkpoint)
+    n_boot = loaded.config.eval.bootstrap if n_boot is None else n_boot
+    level = loaded.config.eval.ci_level if level is None else level
+    if not 0 < level < 1:
+        raise ChexdistError(f"--level {level!r}: the confidence level must be between 0 and 1, e.g. 0.95")
     shards = shards or loaded.config.data.shards
     if not shards:
         raise ChexdistError(f"{loaded.weights}: the run records no shard folder (an imported checkpoint); pass --shards DIR")

@@ -151,6 +151,22 @@ def test_thresholds_are_tuned_on_validation_not_test(evaluated: Path, tmp_path: 
     assert changed["bootstrap"] is None and changed["per_class"]["Effusion"]["f1"].get("ci") is None
 
 
+def test_bootstrap_and_level_default_to_the_runs_eval_config(evaluated: Path, tmp_path: Path):
+    """Without --bootstrap/--level, the run's own eval.bootstrap and eval.ci_level are used."""
+    run = tmp_path / "run"
+    shutil.copytree(evaluated, run, ignore=shutil.ignore_patterns("eval-*"))
+    best = json.loads((run / "best.json").read_text())
+    best["config"]["eval"].update(bootstrap=40, ci_level=0.8)
+    (run / "best.json").write_text(json.dumps(best))
+    assert evaluate("--run", str(run), "--no-plots") == 0
+    metrics = strict_json(run / "eval-test" / "metrics.json")
+    assert (metrics["bootstrap"]["n_boot"], metrics["bootstrap"]["level"]) == (40, 0.8)
+    assert evaluate("--run", str(run), "--no-plots", "--bootstrap", "30", "--level", "0.9") == 0
+    metrics = strict_json(run / "eval-test" / "metrics.json")
+    assert (metrics["bootstrap"]["n_boot"], metrics["bootstrap"]["level"]) == (30, 0.9)
+    assert evaluate("--run", str(run), "--no-plots", "--level", "95") == 2
+
+
 def test_class_without_positives_is_null_with_reason_and_patient_cis_are_wider():
     rng = np.random.default_rng(0)
     patients = np.repeat(np.arange(30), 8)
