@@ -232,7 +232,7 @@ def _collate(images: list[torch.Tensor], normalize: GrayToNormalizedRGB | None) 
         return torch.stack(images, out=_empty((len(images), *first.shape), first.dtype))
     gray = torch.stack(images).to(torch.float32)
     out = _empty((len(images), normalize.scale.shape[0], *first.shape[-2:]), torch.float32)
-    return torch.addcmul(normalize.shift, gray, normalize.scale, out=out)
+    return torch.mul(gray, normalize.scale, out=out).add_(normalize.shift)
 
 
 # ---------------------------------------------------------------- the ring of train positions
