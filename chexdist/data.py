@@ -271,7 +271,8 @@ def _seeded(words: np.ndarray) -> Iterator[None]:
     all three back: a transform may draw from any of them, and the caller's streams stay untouched."""
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(words[0]) << 32 | int(words[1]))
+        # The CPU generator alone (what fork_rng saves): torch.manual_seed also seeds every accelerator, 100 us a batch.
+        torch.default_generator.manual_seed(int(words[0]) << 32 | int(words[1]))
         random.seed(int(words[2]) << 32 | int(words[3]))
         np.random.seed(words)
         try:
