@@ -140,7 +140,7 @@ def _read_segments(shards: _Shards, segments: Iterable[tuple[int, int, int]], st
         got, read = 0, [0]
         url = shards.urls[shard]
         try:
-            for sample in iter_tar(url, skip, take, offsets=shards.index(shard) if skip else None, on_read=read.append):
+            for sample in iter_tar(url, skip, take, offsets=shards.index(shard) if skip else shards.offsets[shard], on_read=read.append):
                 got += 1
                 yield sample
         except Exception as exc:
