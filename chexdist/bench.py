@@ -563,7 +563,9 @@ def reads_suite(ranks: int = 8, workers: int = 8, shards: int = 80, count: int =
     "stream": the same shards through `pipe:cat` (readers read each shard from its start, as with
     object stores); "stream-ranged": through a `pipe:` command with an `{offset}` placeholder
     (`tail -c`, standing in for an object store's byte-range GET), so readers start at their first
-    sample's byte. read_ratio = bytes read / bytes of the train shards (1.0 = each byte once).
+    sample's byte; "http": a base URL served by :func:`serve_folder` on 127.0.0.1, whose readers ask
+    for their byte range with HTTP Range requests. read_ratio = bytes read / bytes of the train shards
+    (1.0 = each byte once); for "http", sent_ratio = body bytes the server sent / the same.
     """
     from chexdist.pack import PackSettings, pack_dataset
     from chexdist.synth import make_synthetic_nih
@@ -576,28 +578,33 @@ def reads_suite(ranks: int = 8, workers: int = 8, shards: int = 80, count: int =
         manifest = pack_dataset(Path(tmp) / "nih", out, settings, workers=2, progress=False)
         train = manifest["splits"]["train"]
         dataset_bytes = sum(s["bytes"] for s in train["shards"])
-        sources = (("local", str(out)), ("stream", f"pipe:cat {out}/{{name}}"),
-                   ("stream-ranged", f"pipe:tail -c +$(({{offset}} + 1)) {out}/{{name}}"))
-        for name, where in sources:
-            read = 0
-            for rank in range(ranks):
-                loader, _ = build_train_loader(where, batch_size, transform, workers, ranks, rank, seed=0, epoch=0, manifest=manifest)
-                with warnings.catch_warnings():  # more workers than cores is the point here
-                    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
-                    for _ in loader:
-                        pass
-                read += loader.bytes_read
-            yield {
-                "bench": "reads",
-                "source": name,
-                "ranks": ranks,
-                "workers": workers,
-                "shards": len(train["shards"]),
-                "images": train["samples"],
-                "dataset_bytes": dataset_bytes,
-                "bytes_read": read,
-                "read_ratio": round(read / dataset_bytes, 3),
-            }
+        with serve_folder(out) as (base_url, sent):
+            sources = (("local", str(out)), ("stream", f"pipe:cat {out}/{{name}}"),
+                       ("stream-ranged", f"pipe:tail -c +$(({{offset}} + 1)) {out}/{{name}}"), ("http", base_url))
+            for name, where in sources:
+                read, sent_before = 0, sent.total
+                for rank in range(ranks):
+                    loader, _ = build_train_loader(where, batch_size, transform, workers, ranks, rank, seed=0, epoch=0, manifest=manifest)
+                    with warnings.catch_warnings():  # more workers than cores is the point here
+                        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+                        for _ in loader:
+                            pass
+                    read += loader.bytes_read
+                result = {
+                    "bench": "reads",
+                    "source": name,
+                    "ranks": ranks,
+                    "workers": workers,
+                    "shards": len(train["shards"]),
+                    "images": train["samples"],
+                    "dataset_bytes": dataset_bytes,
+                    "bytes_read": read,
+                    "read_ratio": round(read / dataset_bytes, 3),
+                }
+                if name == "http":
+                    result["bytes_sent"] = sent.total - sent_before
+                    result["sent_ratio"] = round(result["bytes_sent"] / dataset_bytes, 3)
+                yield result
 
 
 def train_suite(model: str = "resnet18", image_size: int = 128, batch_size: int = 16, steps: int = 20,

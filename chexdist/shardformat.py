@@ -84,6 +84,8 @@ def _open_http(url: str, start: int, end: int | None, on_read: Callable[[int], N
     except urllib.error.HTTPError as exc:
         exc.close()
         raise ChexdistError(f"{url}: HTTP {exc.code} {exc.reason} to 'Range: {asked}' (expected 206 Partial Content)") from None
+    except OSError as exc:
+        raise ChexdistError(f"{url}: cannot open for 'Range: {asked}' ({exc})") from exc
     try:
         if response.status == 206:
             answered = response.headers.get("Content-Range", "")
@@ -245,7 +247,7 @@ def iter_tar(
             start, skip = offsets[skip], 0
     if path is not None:
         stream = open(path, "rb")
-    elif start or end is not None:
+    elif http and (start or end is not None):
         stream = _open_http(url, start, end, on_read)
     else:
         stream = _open(at_offset(url, start))

@@ -62,8 +62,22 @@ class Recording(FolderHandler):
         super().do_GET()
 
 
+class Moved(Recording):
+    """Also redirects /moved/NAME to /NAME (302), as object stores and CDNs do."""
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/moved/"):
+            self.requests.append(("moved", self.headers.get("Range")))
+            self.send_response(302)
+            self.send_header("Location", self.path.removeprefix("/moved"))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_GET()
+
+
 def recording(requests: list) -> type[FolderHandler]:
-    return type("Recorder", (Recording,), {"requests": requests})
+    return type("Recorder", (Moved,), {"requests": requests})
 
 
 def range_start(header: str | None) -> int:
@@ -155,7 +169,7 @@ def test_bad_range_answers_are_counted_skips(shards, caplog, monkeypatch, fault,
 def test_iter_tar_asks_for_exactly_the_samples_it_reads(shards):
     """iter_tar over http with the offset index: a read from mid-shard sends 'bytes=N-M' (urllib), a
     read from sample 0 that stops early 'bytes=0-M' (curl), a whole shard no Range; the samples are the
-    folder's and the server sends exactly the bytes asked for."""
+    folder's and the server sends exactly the bytes asked for. A redirect keeps the Range."""
     from chexdist.shardformat import iter_tar
 
     folder, manifest = shards
@@ -171,3 +185,7 @@ def test_iter_tar_asks_for_exactly_the_samples_it_reads(shards):
             assert keys == [s["__key__"] for s in iter_tar(str(folder / name), skip, take)]
             assert len(keys) == (take or record["samples"]) and requests[-1] == (name, header)
             assert sent.total - before == size
+        requests.clear()
+        keys = [s["__key__"] for s in iter_tar(f"{url}moved/{name}", 4, 3, offsets=offsets)]
+        assert keys == [s["__key__"] for s in iter_tar(str(folder / name), 4, 3)]
+        assert requests == [("moved", f"bytes={offsets[4]}-{offsets[7] - 1}"), (name, f"bytes={offsets[4]}-{offsets[7] - 1}")]
