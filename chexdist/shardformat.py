@@ -229,8 +229,12 @@ def iter_tar(
     files and pipes alike). With `offsets` (:func:`sample_offsets`) a local shard is opened at sample
     `skip`'s header, so nothing before it is read; so is a stream whose URL holds an `{offset}`
     placeholder (a command that starts at that byte, e.g. ``pipe:curl -s -r {offset}- https://h/{name}``),
-    which is set to that header's byte offset (0 without offsets). Any other stream (pipe:, http)
-    reads through the skipped samples. Reading stops once `take` samples are out; `on_read(n)` sees every chunk read.
+    which is set to that header's byte offset (0 without offsets); and a plain http(s) URL asks for
+    just the bytes of samples skip .. skip+take-1 with an HTTP Range request (:func:`_open_http`: from
+    byte 0 through curl, else urllib, the answer checked; a server that ignores Range costs the prefix,
+    counted in `on_read`, and a bad answer raises). A whole http shard, and any other stream
+    (pipe: without `{offset}`, or without offsets), is read from byte 0 through the skipped samples.
+    Reading stops once `take` samples are out; `on_read(n)` sees every chunk read.
     A corrupt first header or a cut inside a member raises tarfile.ReadError, but tarfile takes a
     corrupt later header, or a cut between members, for the end of the archive: the shard just ends
     early, so callers check the count against the manifest (`data._read_segments`).
