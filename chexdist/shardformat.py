@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shlex
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import Any
@@ -62,7 +63,8 @@ _ignores_ranges: set[str] = set()
 def _open_http(url: str, start: int, end: int | None, on_read: Callable[[int], None] | None = None):
     """An http(s) shard as a stream of its bytes `start`..`end` (inclusive; None: to its end).
 
-    From byte 0, curl as webdataset's gopen runs it (its retries kept), with ``-r 0-end``.
+    From byte 0, a `pipe:` curl through :func:`_open` with webdataset's curl options (its retries
+    kept) and ``-r 0-end``.
     Otherwise a ``Range: bytes=start-end`` GET through urllib (the environment's proxies, redirects
     followed with the Range kept, a socket timeout of `HTTP_TIMEOUT_S`): a 206 whose Content-Range
     matches is used as is; a 200 (the server ignores Range) is read from byte 0 with the prefix
@@ -70,10 +72,7 @@ def _open_http(url: str, start: int, end: int | None, on_read: Callable[[int], N
     other answer raises ChexdistError naming the URL, so the reader counts its samples as skipped.
     """
     if start == 0:
-        from webdataset.gopen import Pipe
-
-        curl = ["curl", "--connect-timeout", "30", "--retry", "30", "--retry-delay", "2", "-f", "-s", "-L"]
-        return Pipe([*curl, "-r", f"0-{end}", url], mode="rb", bufsize=8192, ignore_status=[141, 23])
+        return _open(f"pipe:curl --connect-timeout 30 --retry 30 --retry-delay 2 -f -s -L -r 0-{end} {shlex.quote(url)}")
     import urllib.error
     import urllib.request
     from urllib.parse import urlsplit
