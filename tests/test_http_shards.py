@@ -107,9 +107,9 @@ def test_server_that_ignores_ranges_costs_bytes_not_batches(shards, caplog):
     with serve_folder(folder) as (url, _):
         ranged, ranged_read, _, _ = epoch(url, manifest, workers=0)
     requests: list = []
-    with caplog.at_level(logging.WARNING, logger="chexdist.shardformat"):
-        with serve_folder(folder, ranges=False, handler=recording(requests)) as (url, sent):
-            ignored, ignored_read, skipped, _ = epoch(url, manifest, workers=0)
+    with caplog.at_level(logging.WARNING, logger="chexdist.shardformat"), \
+            serve_folder(folder, ranges=False, handler=recording(requests)) as (url, sent):
+        ignored, ignored_read, skipped, _ = epoch(url, manifest, workers=0)
     assert same_batches(ignored, local) and same_batches(ranged, local) and skipped == 0
     prefixes = [range_start(header) for _, header in requests if range_start(header) > 0]
     assert len(prefixes) >= 2
@@ -155,9 +155,8 @@ def test_bad_range_answers_are_counted_skips(shards, caplog, monkeypatch, fault,
     offsets = {r["name"]: r["offsets"] for r in manifest["splits"]["train"]["shards"]}
     faulted: list = []
     handler = type("Fault", (Faulty,), {"fault": fault, "faulted": faulted})
-    with caplog.at_level(logging.WARNING, logger="chexdist.data"):
-        with serve_folder(folder, handler=handler) as (url, _):
-            batches, _, skipped, promised = epoch(url, manifest, workers=0)
+    with caplog.at_level(logging.WARNING, logger="chexdist.data"), serve_folder(folder, handler=handler) as (url, _):
+        batches, _, skipped, promised = epoch(url, manifest, workers=0)
     assert len(batches) == promised == 30
     asked = [(len(offsets[name]) if end is None else bisect.bisect_right(offsets[name], end)) - offsets[name].index(start)
              for name, start, end in faulted]
