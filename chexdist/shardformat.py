@@ -9,10 +9,8 @@ sha256, labels in chexdist's order and the format version. See shards/README.md 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
-import shlex
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import Any
@@ -25,7 +23,6 @@ MANIFEST = "manifest.json"
 IMAGE_KEYS = ("png", "jpg", "jpeg")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
-log = logging.getLogger(__name__)
 
 
 def resolve(shard_dir: str | os.PathLike, name: str) -> str:
@@ -52,65 +49,6 @@ def _open(url: str):
     from webdataset.gopen import gopen
 
     return gopen(at_offset(url), "rb")
-
-
-_HTTP = re.compile(r"^https?://", re.IGNORECASE)
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-HTTP_TIMEOUT_S = 60
-_ignores_ranges: set[str] = set()
-
-
-def _open_http(url: str, start: int, end: int | None, on_read: Callable[[int], None] | None = None):
-    """An http(s) shard as a stream of its bytes `start`..`end` (inclusive; None: to its end).
-
-    From byte 0, a `pipe:` curl through :func:`_open` with webdataset's curl options (its retries
-    kept) and ``-r 0-end``.
-    Otherwise a ``Range: bytes=start-end`` GET through urllib (the environment's proxies, redirects
-    followed with the Range kept, a socket timeout of `HTTP_TIMEOUT_S`): a 206 whose Content-Range
-    matches is used as is; a 200 (the server ignores Range) is read from byte 0 with the prefix
-    discarded through `on_read`, so it counts as read, and one warning per host and process; any
-    other answer raises ChexdistError naming the URL, so the reader counts its samples as skipped.
-    """
-    if start == 0:
-        return _open(f"pipe:curl --connect-timeout 30 --retry 30 --retry-delay 2 -f -s -L -r 0-{end} {shlex.quote(url)}")
-    import urllib.error
-    import urllib.request
-    from urllib.parse import urlsplit
-
-    asked = f"bytes={start}-{'' if end is None else end}"
-    try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers={"Range": asked}), timeout=HTTP_TIMEOUT_S)
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        raise ChexdistError(f"{url}: HTTP {exc.code} {exc.reason} to 'Range: {asked}' (expected 206 Partial Content)") from None
-    except OSError as exc:
-        raise ChexdistError(f"{url}: cannot open for 'Range: {asked}' ({exc})") from exc
-    try:
-        if response.status == 206:
-            answered = response.headers.get("Content-Range", "")
-            found = _CONTENT_RANGE.match(answered.strip())
-            if found is None or int(found[1]) != start or (end is not None and int(found[2]) != end):
-                raise ChexdistError(f"{url}: asked for 'Range: {asked}', got Content-Range {answered!r}")
-            return response
-        if response.status != 200:
-            raise ChexdistError(f"{url}: HTTP {response.status} to 'Range: {asked}' (expected 206 Partial Content or 200)")
-        host = urlsplit(url).netloc
-        if host not in _ignores_ranges:
-            _ignores_ranges.add(host)
-            log.warning("%s ignores HTTP Range requests (200 instead of 206): its shards are read from byte 0 "
-                        "and the prefix before each reader's first sample discarded, so reads are not reduced", host)
-        left = start
-        while left > 0:
-            chunk = response.read(min(left, 1 << 20))
-            if not chunk:
-                raise ChexdistError(f"{url}: ended after {start - left} bytes, before byte {start} where the reader starts")
-            left -= len(chunk)
-            if on_read is not None:
-                on_read(len(chunk))
-        return response
-    except BaseException:
-        response.close()
-        raise
 
 
 def load_manifest(shard_dir: str | os.PathLike, manifest_path: str | os.PathLike | None = None) -> dict:
@@ -212,6 +150,68 @@ class _Counted:
 
     def close(self) -> None:
         self.raw.close()
+
+
+_HTTP = re.compile(r"^https?://", re.IGNORECASE)
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+HTTP_TIMEOUT_S = 60
+_ignores_ranges: set[str] = set()
+
+
+def _open_http(url: str, start: int, end: int | None, on_read: Callable[[int], None] | None = None):
+    """An http(s) shard as a stream of its bytes `start`..`end` (inclusive; None: to its end).
+
+    From byte 0, a `pipe:` curl through :func:`_open` with webdataset's curl options (its retries
+    kept) and ``-r 0-end``.
+    Otherwise a ``Range: bytes=start-end`` GET through urllib (the environment's proxies, redirects
+    followed with the Range kept, a socket timeout of `HTTP_TIMEOUT_S`): a 206 whose Content-Range
+    matches is used as is; a 200 (the server ignores Range) is read from byte 0 with the prefix
+    discarded through `on_read`, so it counts as read, and one warning per host and process; any
+    other answer raises ChexdistError naming the URL, so the reader counts its samples as skipped.
+    """
+    if start == 0:
+        import shlex
+
+        return _open(f"pipe:curl --connect-timeout 30 --retry 30 --retry-delay 2 -f -s -L -r 0-{end} {shlex.quote(url)}")
+    import logging
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    asked = f"bytes={start}-{'' if end is None else end}"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers={"Range": asked}), timeout=HTTP_TIMEOUT_S)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        raise ChexdistError(f"{url}: HTTP {exc.code} {exc.reason} to 'Range: {asked}' (expected 206 Partial Content)") from None
+    except OSError as exc:
+        raise ChexdistError(f"{url}: cannot open for 'Range: {asked}' ({exc})") from exc
+    try:
+        if response.status == 206:
+            answered = response.headers.get("Content-Range", "")
+            found = _CONTENT_RANGE.match(answered.strip())
+            if found is None or int(found[1]) != start or (end is not None and int(found[2]) != end):
+                raise ChexdistError(f"{url}: asked for 'Range: {asked}', got Content-Range {answered!r}")
+            return response
+        if response.status != 200:
+            raise ChexdistError(f"{url}: HTTP {response.status} to 'Range: {asked}' (expected 206 Partial Content or 200)")
+        host = urlsplit(url).netloc
+        if host not in _ignores_ranges:
+            _ignores_ranges.add(host)
+            logging.getLogger(__name__).warning("%s ignores HTTP Range requests (200 instead of 206): its shards are read from byte 0 "
+                        "and the prefix before each reader's first sample discarded, so reads are not reduced", host)
+        left = start
+        while left > 0:
+            chunk = response.read(min(left, 1 << 20))
+            if not chunk:
+                raise ChexdistError(f"{url}: ended after {start - left} bytes, before byte {start} where the reader starts")
+            left -= len(chunk)
+            if on_read is not None:
+                on_read(len(chunk))
+        return response
+    except BaseException:
+        response.close()
+        raise
 
 
 def iter_tar(
