@@ -584,9 +584,9 @@ def reads_suite(ranks: int = 8, workers: int = 8, shards: int = 80, count: int =
             for name, where in sources:
                 read, sent_before = 0, sent.total
                 for rank in range(ranks):
-                    loader, _ = build_train_loader(where, batch_size, transform, workers, ranks, rank, seed=0, epoch=0, manifest=manifest)
                     with warnings.catch_warnings():  # more workers than cores is the point here
                         warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+                        loader, _ = build_train_loader(where, batch_size, transform, workers, ranks, rank, seed=0, epoch=0, manifest=manifest)
                         for _ in loader:
                             pass
                     read += loader.bytes_read
