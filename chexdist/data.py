@@ -15,17 +15,20 @@ Where the shards live (`shard_dir`, the `data.shards` config key) is one of:
   copy is given (``manifest=`` argument or :func:`load_manifest` ``manifest_path``);
 - an ``http(s)://`` / ``file://`` base URL without ``{name}``: ``/{name}`` is appended.
 
-A ``pipe:`` template may also hold ``{offset}``: a command that streams the shard from that byte
-(``pipe:curl -fsL -r {offset}- https://host/nih/{name}``), so a reader starts at its first sample
-as in a local file (see :func:`chexdist.shardformat.iter_tar`).
+A reader that starts inside a shard opens it at its first sample, given the manifest's per-shard
+`offsets`: a local shard by seeking, an ``http(s)://`` shard with an HTTP Range request that also
+ends at the reader's last sample (a server that ignores Range answers 200: that reader reads the
+prefix and discards it, counted in bytes read, with one warning per host and process), and a
+``pipe:`` template holding ``{offset}`` by streaming from that byte
+(``pipe:gsutil cat -r {offset}- gs://B/nih/{name}``). Other ``pipe:`` commands read from the
+shard's start (see :func:`chexdist.shardformat.iter_tar`).
 
 Sample positions, not whole shards, are divided among ranks and workers, planned here from the
 manifest counts: webdataset's split_by_node / split_by_worker split by shard, so they cannot give
 every rank the same number of samples, and DDP would then hang (a rank waits in a collective another
 rank never reaches) or drop data. Planning positions works with any number of shards, ranks and
-workers. A local shard is opened at a reader's first sample (the manifest's per-shard `offsets`);
-each train batch is seeded on its own, so a loader can start at any batch without decoding the ones
-before it. Train: see :func:`build_train_loader`.
+workers. A reader starts at its first sample (above); each train batch is seeded on its own, so a
+loader can start at any batch without decoding the ones before it. Train: see :func:`build_train_loader`.
 Eval: see :func:`build_eval_loader` for the padding/mask contract.
 """
 
@@ -140,7 +143,7 @@ def _read_segments(shards: _Shards, segments: Iterable[tuple[int, int, int]], st
         got, read = 0, [0]
         url = shards.urls[shard]
         try:
-            for sample in iter_tar(url, skip, take, offsets=shards.index(shard) if skip else None, on_read=read.append):
+            for sample in iter_tar(url, skip, take, offsets=shards.index(shard) if skip else shards.offsets[shard], on_read=read.append):
                 got += 1
                 yield sample
         except Exception as exc:

@@ -152,6 +152,68 @@ class _Counted:
         self.raw.close()
 
 
+_HTTP = re.compile(r"^https?://", re.IGNORECASE)
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+HTTP_TIMEOUT_S = 60
+_ignores_ranges: set[str] = set()
+
+
+def _open_http(url: str, start: int, end: int | None, on_read: Callable[[int], None] | None = None):
+    """An http(s) shard as a stream of its bytes `start`..`end` (inclusive; None: to its end).
+
+    From byte 0, a `pipe:` curl through :func:`_open` with webdataset's curl options (its retries
+    kept) and ``-r 0-end``.
+    Otherwise a ``Range: bytes=start-end`` GET through urllib (the environment's proxies, redirects
+    followed with the Range kept, a socket timeout of `HTTP_TIMEOUT_S`): a 206 whose Content-Range
+    matches is used as is; a 200 (the server ignores Range) is read from byte 0 with the prefix
+    discarded through `on_read`, so it counts as read, and one warning per host and process; any
+    other answer raises ChexdistError naming the URL, so the reader counts its samples as skipped.
+    """
+    if start == 0:
+        import shlex
+
+        return _open(f"pipe:curl --connect-timeout 30 --retry 30 --retry-delay 2 -f -s -L -r 0-{end} {shlex.quote(url)}")
+    import logging
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    asked = f"bytes={start}-{'' if end is None else end}"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers={"Range": asked}), timeout=HTTP_TIMEOUT_S)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        raise ChexdistError(f"{url}: HTTP {exc.code} {exc.reason} to 'Range: {asked}' (expected 206 Partial Content)") from None
+    except OSError as exc:
+        raise ChexdistError(f"{url}: cannot open for 'Range: {asked}' ({exc})") from exc
+    try:
+        if response.status == 206:
+            answered = response.headers.get("Content-Range", "")
+            found = _CONTENT_RANGE.match(answered.strip())
+            if found is None or int(found[1]) != start or (end is not None and int(found[2]) != end):
+                raise ChexdistError(f"{url}: asked for 'Range: {asked}', got Content-Range {answered!r}")
+            return response
+        if response.status != 200:
+            raise ChexdistError(f"{url}: HTTP {response.status} to 'Range: {asked}' (expected 206 Partial Content or 200)")
+        host = urlsplit(url).netloc
+        if host not in _ignores_ranges:
+            _ignores_ranges.add(host)
+            logging.getLogger(__name__).warning("%s ignores HTTP Range requests (200 instead of 206): its shards are read from byte 0 "
+                        "and the prefix before each reader's first sample discarded, so reads are not reduced", host)
+        left = start
+        while left > 0:
+            chunk = response.read(min(left, 1 << 20))
+            if not chunk:
+                raise ChexdistError(f"{url}: ended after {start - left} bytes, before byte {start} where the reader starts")
+            left -= len(chunk)
+            if on_read is not None:
+                on_read(len(chunk))
+        return response
+    except BaseException:
+        response.close()
+        raise
+
+
 def iter_tar(
     url: str,
     skip: int = 0,
@@ -166,8 +228,12 @@ def iter_tar(
     files and pipes alike). With `offsets` (:func:`sample_offsets`) a local shard is opened at sample
     `skip`'s header, so nothing before it is read; so is a stream whose URL holds an `{offset}`
     placeholder (a command that starts at that byte, e.g. ``pipe:curl -s -r {offset}- https://h/{name}``),
-    which is set to that header's byte offset (0 without offsets). Any other stream (pipe:, http)
-    reads through the skipped samples. Reading stops once `take` samples are out; `on_read(n)` sees every chunk read.
+    which is set to that header's byte offset (0 without offsets); and a plain http(s) URL asks for
+    just the bytes of samples skip .. skip+take-1 with an HTTP Range request (:func:`_open_http`: from
+    byte 0 through curl, else urllib, the answer checked; a server that ignores Range costs the prefix,
+    counted in `on_read`, and a bad answer raises). A whole http shard, and any other stream
+    (pipe: without `{offset}`, or without offsets), is read from byte 0 through the skipped samples.
+    Reading stops once `take` samples are out; `on_read(n)` sees every chunk read.
     A corrupt first header or a cut inside a member raises tarfile.ReadError, but tarfile takes a
     corrupt later header, or a cut between members, for the end of the archive: the shard just ends
     early, so callers check the count against the manifest (`data._read_segments`).
@@ -175,10 +241,19 @@ def iter_tar(
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     path = local_path(url)
-    start = 0
-    if (path is not None or OFFSET in url) and offsets is not None and 0 < skip < len(offsets):
-        start, skip = offsets[skip], 0
-    stream = open(path, "rb") if path is not None else _open(at_offset(url, start))
+    http = path is None and OFFSET not in url and _HTTP.match(url) is not None
+    start, end = 0, None
+    if offsets is not None and (path is not None or OFFSET in url or http):
+        if http and take is not None and skip + take < len(offsets):
+            end = offsets[skip + take] - 1
+        if 0 < skip < len(offsets):
+            start, skip = offsets[skip], 0
+    if path is not None:
+        stream = open(path, "rb")
+    elif http and (start or end is not None):
+        stream = _open_http(url, start, end, on_read)
+    else:
+        stream = _open(at_offset(url, start))
     finished = False
     try:
         if start and path is not None:

@@ -52,10 +52,12 @@ def test_resume_and_reads_benches():
     resume = run_suite("resume", out=io.StringIO(), images=REAL_IMAGES, count=24, batch_size=4, size=64, repeats=1)
     assert [r["start_batch"] for r in resume] == [0, 5] and all(r["num_batches"] == 6 for r in resume)
     assert all(r["before_s"] > 0 and r["after_s"] > 0 for r in resume)
-    local, stream, ranged = run_suite("reads", out=io.StringIO(), ranks=2, workers=2, shards=5, count=40)
-    assert [r["source"] for r in (local, stream, ranged)] == ["local", "stream", "stream-ranged"]
-    assert local["dataset_bytes"] == stream["dataset_bytes"] == ranged["dataset_bytes"]
+    local, stream, ranged, http = run_suite("reads", out=io.StringIO(), ranks=2, workers=2, shards=5, count=40)
+    assert [r["source"] for r in (local, stream, ranged, http)] == ["local", "stream", "stream-ranged", "http"]
+    assert local["dataset_bytes"] == stream["dataset_bytes"] == ranged["dataset_bytes"] == http["dataset_bytes"]
     assert 0 < local["bytes_read"] == ranged["bytes_read"] < stream["bytes_read"]
+    assert 0 < http["bytes_read"] <= local["bytes_read"] and http["bytes_sent"] <= 1.01 * http["dataset_bytes"]
+    assert http["sent_ratio"] == round(http["bytes_sent"] / http["dataset_bytes"], 3) and "bytes_sent" not in local
     assert local["read_ratio"] == round(local["bytes_read"] / local["dataset_bytes"], 3)
 
 
