@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import Any
@@ -63,7 +64,7 @@ def load_manifest(shard_dir: str | os.PathLike, manifest_path: str | os.PathLike
             f"{where}: no manifest; pack the data first (chexdist pack) or point data.shards at a packed dataset"
         )
     try:
-        stream = open(where, "rb") if is_local else _open(where)
+        stream = open(where, "rb") if is_local else _open(where)  # noqa: SIM115 (closed below)
         try:
             text = stream.read()
         finally:
@@ -155,6 +156,9 @@ class _Counted:
 _HTTP = re.compile(r"^https?://", re.IGNORECASE)
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 HTTP_TIMEOUT_S = 60
+HTTP_RETRIES = 5  # like curl's --retry: a dropped connection, a timeout or a 408/429/5xx answer
+HTTP_RETRY_DELAY_S = 2.0
+_TRANSIENT = {408, 429, 500, 502, 503, 504}
 _ignores_ranges: set[str] = set()
 
 
@@ -164,7 +168,8 @@ def _open_http(url: str, start: int, end: int | None, on_read: Callable[[int], N
     From byte 0, a `pipe:` curl through :func:`_open` with webdataset's curl options (its retries
     kept) and ``-r 0-end``.
     Otherwise a ``Range: bytes=start-end`` GET through urllib (the environment's proxies, redirects
-    followed with the Range kept, a socket timeout of `HTTP_TIMEOUT_S`): a 206 whose Content-Range
+    followed with the Range kept, a socket timeout of `HTTP_TIMEOUT_S`, transient failures retried
+    `HTTP_RETRIES` times as curl's ``--retry`` does): a 206 whose Content-Range
     matches is used as is; a 200 (the server ignores Range) is read from byte 0 with the prefix
     discarded through `on_read`, so it counts as read, and one warning per host and process; any
     other answer raises ChexdistError naming the URL, so the reader counts its samples as skipped.
@@ -179,13 +184,20 @@ def _open_http(url: str, start: int, end: int | None, on_read: Callable[[int], N
     from urllib.parse import urlsplit
 
     asked = f"bytes={start}-{'' if end is None else end}"
-    try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers={"Range": asked}), timeout=HTTP_TIMEOUT_S)
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        raise ChexdistError(f"{url}: HTTP {exc.code} {exc.reason} to 'Range: {asked}' (expected 206 Partial Content)") from None
-    except OSError as exc:
-        raise ChexdistError(f"{url}: cannot open for 'Range: {asked}' ({exc})") from exc
+    for attempt in range(HTTP_RETRIES + 1):
+        last = attempt == HTTP_RETRIES
+        try:
+            response = urllib.request.urlopen(urllib.request.Request(url, headers={"Range": asked}), timeout=HTTP_TIMEOUT_S)
+            break
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if last or exc.code not in _TRANSIENT:
+                tries = f" after {attempt + 1} tries" if attempt else ""
+                raise ChexdistError(f"{url}: HTTP {exc.code} {exc.reason} to 'Range: {asked}'{tries} (expected 206 Partial Content)") from None
+        except OSError as exc:
+            if last:
+                raise ChexdistError(f"{url}: cannot open for 'Range: {asked}' after {attempt + 1} tries ({exc})") from exc
+        time.sleep(HTTP_RETRY_DELAY_S * (attempt + 1))
     try:
         if response.status == 206:
             answered = response.headers.get("Content-Range", "")
@@ -249,7 +261,7 @@ def iter_tar(
         if 0 < skip < len(offsets):
             start, skip = offsets[skip], 0
     if path is not None:
-        stream = open(path, "rb")
+        stream = open(path, "rb")  # noqa: SIM115 (closed in the finally below)
     elif http and (start or end is not None):
         stream = _open_http(url, start, end, on_read)
     else:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import chexdist.data
+import chexdist.shardformat
 from chexdist.bench import FolderHandler, serve_folder
 from chexdist.data import build_train_loader
 from chexdist.shardformat import load_manifest
@@ -152,12 +153,16 @@ def test_bad_range_answers_are_counted_skips(shards, caplog, monkeypatch, fault,
     with the reason, replaced, so every rank still gets its full number of batches."""
     folder, manifest = shards
     monkeypatch.setattr(chexdist.data, "_skips_logged", 0)
+    monkeypatch.setattr(chexdist.shardformat, "HTTP_RETRY_DELAY_S", 0.0)
     offsets = {r["name"]: r["offsets"] for r in manifest["splits"]["train"]["shards"]}
-    faulted: list = []
-    handler = type("Fault", (Faulty,), {"fault": fault, "faulted": faulted})
+    requests: list = []
+    handler = type("Fault", (Faulty,), {"fault": fault, "faulted": requests})
     with caplog.at_level(logging.WARNING, logger="chexdist.data"), serve_folder(folder, handler=handler) as (url, _):
         batches, _, skipped, promised = epoch(url, manifest, workers=0)
     assert len(batches) == promised == 30
+    faulted = list(dict.fromkeys(requests))
+    tries = chexdist.shardformat.HTTP_RETRIES + 1 if fault == "500" else 1  # only the transient answer is retried
+    assert all(requests.count(r) == tries for r in faulted), requests
     asked = [(len(offsets[name]) if end is None else bisect.bisect_right(offsets[name], end)) - offsets[name].index(start)
              for name, start, end in faulted]
     assert faulted and skipped == sum(asked) > 0
@@ -188,3 +193,29 @@ def test_iter_tar_asks_for_exactly_the_samples_it_reads(shards):
         keys = [s["__key__"] for s in iter_tar(f"{url}moved/{name}", 4, 3, offsets=offsets)]
         assert keys == [s["__key__"] for s in iter_tar(str(folder / name), 4, 3)]
         assert requests == [("moved", f"bytes={offsets[4]}-{offsets[7] - 1}"), (name, f"bytes={offsets[4]}-{offsets[7] - 1}")]
+
+
+class Flaky(FolderHandler):
+    """Answers the first request for each range past byte 0 with 503, then serves it."""
+
+    seen: set
+
+    def do_GET(self) -> None:
+        wanted = self.headers.get("Range", "")
+        if wanted and not wanted.startswith("bytes=0-") and (self.path, wanted) not in self.seen:
+            self.seen.add((self.path, wanted))
+            self.send_error(503)
+            return
+        super().do_GET()
+
+
+def test_transient_http_errors_are_retried(shards, monkeypatch):
+    """A 503 (an object store's "slow down") is retried, as curl's --retry does: nothing is lost."""
+    folder, manifest = shards
+    monkeypatch.setattr(chexdist.shardformat, "HTTP_RETRY_DELAY_S", 0.0)
+    local, *_ = epoch(folder, manifest, workers=0)
+    seen: set = set()
+    with serve_folder(folder, handler=type("Flaky503", (Flaky,), {"seen": seen})) as (url, _):
+        batches, _, skipped, _ = epoch(url, manifest, workers=0)
+    assert seen and skipped == 0
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, local, strict=True))
