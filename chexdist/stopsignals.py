@@ -48,7 +48,7 @@ def serve_through_stop_signals() -> None:
     """In a DataLoader worker (`worker_init_fn`, main thread): ignore the stop signals for good.
 
     SIGINT and SIGUSR1 are ignored. SIGTERM stays blocked (the worker was started with it blocked,
-    see `data.ShardLoader`) and a thread takes it: one from the process that started the worker
+    see `data._start_workers`) and a thread takes it: one from the process that started the worker
     (multiprocessing's terminate, the loader's last resort) ends it as torch's own handler would;
     any other is dropped.
     """
@@ -58,6 +58,9 @@ def serve_through_stop_signals() -> None:
     for sig in STOP_SIGNALS:
         if sig != signal.SIGTERM:
             signal.signal(sig, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: SIGTERM keeps torch's handler, which ends the worker
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+        return
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
     threading.Thread(target=_end_on_sigterm_from, args=(parent.pid if parent else os.getppid(),),
                      name="chexdist-sigterm", daemon=True).start()
