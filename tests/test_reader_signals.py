@@ -158,3 +158,39 @@ def test_readers_end_with_their_training_process(shards):
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["readers"]
     assert left == 0
+
+
+def _state(pid: int) -> str:
+    """The process's state letter ('Z' once it has exited and waits to be reaped), or '' if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2]
+
+
+@pytest.mark.slow
+def test_a_worker_still_ends_on_sigterm_from_its_training_process(shards):
+    """The DataLoader's last resort at shutdown is SIGTERM to a worker (multiprocessing's terminate):
+    that one still ends it, while a SIGTERM from anyone else does not."""
+    from chexdist.data import build_train_loader
+
+    loader, _ = build_train_loader(template(shards), BATCH, EVAL, 2, 1, 0, seed=3, epoch=0, shuffle_buffer=4)
+    batches = iter(loader)
+    try:
+        next(batches)
+        me = os.getpid()
+        workers = [int(pid) for pid in Path(f"/proc/{me}/task/{me}/children").read_text().split()
+                   if Path(f"/proc/{pid}/comm").read_text().strip() == "pt_data_worker"]
+        assert len(workers) == 2
+        subprocess.run(["kill", "-s", "TERM", str(workers[0])], check=True, start_new_session=True)
+        time.sleep(1)
+        assert _state(workers[0]) not in ("", "Z")
+        os.kill(workers[0], signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while _state(workers[0]) not in ("", "Z") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _state(workers[0]) in ("", "Z")
+        assert _state(workers[1]) not in ("", "Z")
+    finally:
+        batches.close()
