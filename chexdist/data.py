@@ -40,6 +40,7 @@ import functools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import warnings
@@ -55,6 +56,7 @@ from webdataset.filters import shuffle
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS, NUM_LABELS
 from chexdist.shardformat import IMAGE_KEYS, iter_tar, load_manifest, local_path, resolve, sample_offsets, split_shards
+from chexdist.stopsignals import blocked, serve_through_stop_signals
 from chexdist.transforms import GrayToNormalizedRGB, split_normalization
 
 log = logging.getLogger(__name__)
@@ -210,8 +212,10 @@ def _worker_slot() -> int:
 
 
 def _worker_init(worker_id: int) -> None:
-    """Decode is per sample: one thread per worker avoids oversubscribing the cores."""
+    """Decode is per sample: one thread per worker avoids oversubscribing the cores. The stop signals
+    are the training process's to act on: the worker keeps serving until the loader shuts it down."""
     torch.set_num_threads(1)
+    serve_through_stop_signals()
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -517,11 +521,26 @@ class ShardLoader:
         expected, produced = len(self), 0
         if expected == 0:
             return
-        for batch in self.loader:
+        for batch in _start_workers(self.loader):
             produced += 1
             yield batch
         if produced != expected:
             raise ChexdistError(f"{self.what}: produced {produced} batches instead of {expected}; ranks would desynchronize")
+
+
+def _start_workers(loader: DataLoader) -> Iterator[Any]:
+    """iter(loader), its workers (and multiprocessing's forkserver) started with the stop signals blocked
+    until `_worker_init` takes them over (see `chexdist.stopsignals`). multiprocessing's resource tracker
+    (spawn, forkserver) is started first, in a block of its own: once started, it unblocks SIGINT and
+    SIGTERM in the thread that started it."""
+    context = loader.multiprocessing_context or multiprocessing
+    if loader.num_workers and context.get_start_method() != "fork":
+        from multiprocessing import resource_tracker
+
+        with blocked():
+            resource_tracker.ensure_running()
+    with blocked():
+        return iter(loader)
 
 
 def _check_args(batch_size: int, num_workers: int, world_size: int, rank: int) -> None:

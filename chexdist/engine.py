@@ -42,6 +42,7 @@ from chexdist.models import create_model, model_normalization, save_weights
 from chexdist.optim import build_optimizer, build_scheduler, step_scheduler
 from chexdist.progress import EpochProgress
 from chexdist.shardformat import load_manifest, split_shards
+from chexdist.stopsignals import STOP_SIGNALS
 from chexdist.transforms import build_transform
 
 log = logging.getLogger("chexdist")
@@ -132,9 +133,10 @@ class StopFlag:
     """Records the first SIGTERM/SIGUSR1 (SLURM preemption) or SIGINT (Ctrl-C) so the loop checkpoints
     at the next safe point. After a SIGINT, SIGINT gets its default action again, so a second Ctrl-C
     ends the process at once (a checkpoint is written under a temp name, so none is left half-done).
-    DataLoader workers forked meanwhile inherit the handler and ignore the signal: their rank acts."""
+    Shard readers and DataLoader workers receive these signals too and ignore them: the loop's rank
+    acts (`chexdist.stopsignals`)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self, announce: bool = True) -> None:
         self.signum = 0

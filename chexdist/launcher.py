@@ -22,7 +22,9 @@ import threading
 import time
 from collections.abc import Iterator
 
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+from chexdist.stopsignals import STOP_SIGNALS
+
+FORWARDED = STOP_SIGNALS
 GRACE_S = 30.0  # once a worker has failed, how long the others get to exit before they are killed
 POLL_S = 0.2
 PARENT_ENV = "CHEXDIST_LAUNCHER_PID"

@@ -47,9 +47,19 @@ def at_offset(url: str, start: int = 0) -> str:
 
 
 def _open(url: str):
-    from webdataset.gopen import gopen
+    """A gopen stream whose process, if any (a pipe: command, curl), ignores the stop signals: they
+    reach it too (SLURM signals the whole step, Ctrl-C the foreground group), and it must serve the
+    training process up to its checkpoint, then end by SIGPIPE/EOF (see `chexdist.stopsignals`)."""
+    from webdataset import utils
+    from webdataset.gopen import Pipe, gopen
 
-    return gopen(at_offset(url), "rb")
+    from chexdist.stopsignals import blocked, ignoring_shell
+
+    url = at_offset(url)
+    with blocked():
+        if url.startswith("pipe:") and not utils.enforce_security:  # gopen's pipe: (shell=True), signals ignored
+            return Pipe(ignoring_shell(url[len("pipe:"):]), mode="rb", bufsize=8192, ignore_status=[141])
+        return gopen(url, "rb")
 
 
 def load_manifest(shard_dir: str | os.PathLike, manifest_path: str | os.PathLike | None = None) -> dict:
