@@ -27,14 +27,22 @@ from urllib.parse import unquote, urlsplit
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from chexdist.data import build_train_loader, decode_gray
+from chexdist.data import (
+    _collate,
+    _seed_words,
+    _seeded,
+    build_train_loader,
+    decode_gray,
+    image_bytes,
+    parse_labels,
+)
 from chexdist.errors import ChexdistError
 from chexdist.fileio import dumps_json
 from chexdist.labels import NUM_LABELS
-from chexdist.nih import DATA_ENTRY_COLUMNS as _CSV_HEADER, IMAGE_SUFFIXES
+from chexdist.nih import DATA_ENTRY_COLUMNS as _CSV_HEADER
+from chexdist.nih import IMAGE_SUFFIXES
 from chexdist.shardformat import IMAGE_KEYS, iter_tar, load_manifest, shard_urls
 from chexdist.transforms import build_transform, split_normalization
-
 
 # ---------------------------------------------------------------- loader suite
 
@@ -155,6 +163,7 @@ class Timing:
     images: int
     wall_s: float
     cpu_s: float
+    main_cpu_s: float = 0.0  # steady passes: the consuming process's part of cpu_s (receiving, normalizing)
 
     @property
     def img_s(self) -> float:
@@ -197,11 +206,12 @@ def _timed_steady(make: Callable[[int], Iterable[Any]]) -> Timing:
     worker start-up, as in training after the first epoch. CPU time counts the live workers via /proc."""
     for _ in make(0):
         pass
-    cpu, wall = _own_cpu_seconds() + _live_children_cpu_seconds(), time.perf_counter()
+    own, workers, wall = _own_cpu_seconds(), _live_children_cpu_seconds(), time.perf_counter()
     images = 0
     for batch in make(1):
         images += len(batch[0])
-    return Timing(images, time.perf_counter() - wall, _own_cpu_seconds() + _live_children_cpu_seconds() - cpu)
+    own = _own_cpu_seconds() - own
+    return Timing(images, time.perf_counter() - wall, own + _live_children_cpu_seconds() - workers, own)
 
 
 def _timed(make: Callable[[], Iterable[Any]]) -> Timing:
@@ -220,12 +230,44 @@ def _as_engine_consumes(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 def _decode_only(shard_dir: Path, transform: Callable[[torch.Tensor], torch.Tensor]) -> Timing:
     """Bare decode + transform of the shard images on one thread, bytes already in memory."""
-    blobs = [
-        next(sample[k] for k in IMAGE_KEYS if k in sample)
-        for url in shard_urls(shard_dir, "train")
-        for sample in iter_tar(url)
-    ]
+    blobs = [image_bytes(sample) for url in shard_urls(shard_dir, "train") for sample in iter_tar(url)]
     return _timed(lambda: _decode_each(blobs, transform))
+
+
+def _stage_costs(shard_dir: Path, transform: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> dict[str, float]:
+    """CPU ms per image of each stage of the train stream, each run on its own over the whole split on
+    one thread, with the loader's own functions: what `stream_1proc_cpu_ms` is made of. What the stages
+    do not add up to is the loader's glue (sample planning, the shuffle buffer, generators)."""
+    per_image, normalize = split_normalization(transform)
+    costs: dict[str, float] = {}
+
+    def stage(name: str, run: Callable[[], Any]) -> Any:
+        start = time.process_time()
+        result = run()
+        costs[name] = time.process_time() - start
+        return result
+
+    samples = stage("tar", lambda: [s for url in shard_urls(shard_dir, "train") for s in iter_tar(url)])
+    labels = stage("labels", lambda: [parse_labels(s)[0] for s in samples])
+    gray = stage("decode", lambda: [decode_gray(image_bytes(s)) for s in samples])
+    images = stage("transform", lambda: [per_image(g) for g in gray])
+    batches = range(0, len(images), batch_size)
+    stage("seeding", lambda: _seed_each(batches))
+    collated = stage("collate", lambda: [(_collate(images[b:b + batch_size], None), torch.stack(labels[b:b + batch_size]))
+                                         for b in batches])
+    stage("normalize", lambda: _normalize_each(normalize, collated))
+    return {name: round(1e3 * seconds / len(samples), 4) for name, seconds in costs.items()}
+
+
+def _normalize_each(normalize: Callable[[torch.Tensor], torch.Tensor], batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for images, _ in batches:
+        normalize(images)  # each output freed before the next, as the consumer's is
+
+
+def _seed_each(batches: Iterable[int]) -> None:
+    for b in batches:
+        with _seeded(_seed_words(0, 0, 0, 0, b)):
+            pass
 
 
 def _decode_each(blobs: list[bytes], transform: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[tuple[list[torch.Tensor]]]:
@@ -235,6 +277,12 @@ def _decode_each(blobs: list[bytes], transform: Callable[[torch.Tensor], torch.T
 
 def _best(timings: list[Timing]) -> Timing:
     return min(timings, key=lambda t: t.wall_s / t.images)
+
+
+def _main_cpu_ms(timings: list[Timing]) -> float:
+    """The consuming process's CPU ms per image in the run with the least CPU time in all."""
+    best = min(timings, key=lambda t: t.cpu_ms)
+    return round(1e3 * best.main_cpu_s / best.images, 3)
 
 
 def _best_cpu(timings: list[Timing]) -> float:
@@ -266,10 +314,12 @@ def loader_suite(
       each (512-px PNG, or JPEG for the jpg shards): only the streaming differs. This line also holds
       decode_only (bare decode + transform of the shard bytes in memory, one thread), stream_1proc
       (ours without workers, one thread), stream_overhead (their CPU-time ratio - 1: tar reading,
-      shuffling, collation) and pipeline_overhead (the whole `workers` pipeline's CPU time over bare
+      shuffling, collation), stage_cpu_ms (what stream_1proc is made of, stage by stage: tar, labels,
+      decode, transform, seeding, collate, normalize; glue_cpu_ms is the rest) and pipeline_overhead (the whole `workers` pipeline's CPU time over bare
       decode - 1: also worker start-up, IPC and the consumer's normalization). With workers (and
       /proc), *_steady_cpu_ms and pipeline_overhead_steady measure a second pass with persistent
-      workers (no start-up), as every epoch after the first in training.
+      workers (no start-up), as every epoch after the first in training; *_steady_main_cpu_ms is the
+      consuming process's part (receiving batches from the workers and normalizing them).
 
     Every loader ships uint8 batches that the consuming process normalizes, as the engine does.
     Each measurement runs `repeats` times, interleaved, best kept, worker start-up included.
@@ -312,6 +362,7 @@ def loader_suite(
                         shards, batch_size, transform, 0, 1, 0, seed=0, epoch=0, manifest=manifest,
                         normalize_in_loader=False)[0])))
                     bare.append(_decode_only(shards, transform))
+                stages = _stage_costs(shards, transform, batch_size)
                 common = {
                     "bench": "loader", "format": fmt, "workers": workers, "images": count, "batch_size": batch_size,
                     "ours_px": size, "image_size": image_size,
@@ -332,11 +383,15 @@ def loader_suite(
                             "stream_1proc_cpu_ms": round(single_cpu, 3),
                             "stream_overhead": round(single_cpu / bare_cpu - 1, 3),
                             "pipeline_overhead": round(_best_cpu(ours) / bare_cpu - 1, 3),
+                            "stage_cpu_ms": stages,
+                            "glue_cpu_ms": round(single_cpu - sum(stages.values()), 4),
                         })
                         if ours_steady:
                             result.update({
                                 "ours_steady_cpu_ms": round(_best_cpu(ours_steady), 3),
+                                "ours_steady_main_cpu_ms": _main_cpu_ms(ours_steady),
                                 "baseline_steady_cpu_ms": round(_best_cpu(files_steady), 3),
+                                "baseline_steady_main_cpu_ms": _main_cpu_ms(files_steady),
                                 "pipeline_overhead_steady": round(_best_cpu(ours_steady) / bare_cpu - 1, 3),
                             })
                     yield result
@@ -697,7 +752,9 @@ def _sync(device: torch.device) -> None:
 
 
 def tune_suite(**options: Any) -> Iterator[dict[str, Any]]:
-    from chexdist.tuning import tune_suite as suite  # Ray is imported only when this suite runs
+    from chexdist.tuning import (
+        tune_suite as suite,  # Ray is imported only when this suite runs
+    )
 
     return suite(**options)
 

@@ -195,15 +195,27 @@ class _Decoded:
     meta: dict
 
 
-def _decode(sample: dict, transform: Transform) -> _Decoded:
-    image_bytes = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-    if image_bytes is None or "json" not in sample:
+def image_bytes(sample: dict) -> bytes:
+    """The encoded image of a shard sample (png or jpg part); raises if the sample lacks it or its json."""
+    found = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if found is None or "json" not in sample:
         raise ChexdistError(f"sample has parts {sorted(k for k in sample if not k.startswith('__'))}, expected json and png/jpg")
+    return found
+
+
+def parse_labels(sample: dict) -> tuple[torch.Tensor, dict]:
+    """(float32 labels [14], metadata) from a sample's json part, the labels checked."""
     meta = json.loads(sample["json"])
     labels = meta.get("labels")
     if not isinstance(labels, list) or len(labels) != NUM_LABELS or any(v not in (0, 1) for v in labels):
         raise ChexdistError(f"'labels' must be {NUM_LABELS} zeros/ones in the order {', '.join(LABELS)}")
-    return _Decoded(transform(decode_gray(image_bytes)), torch.tensor(labels, dtype=torch.float32), meta)
+    return torch.tensor(labels, dtype=torch.float32), meta
+
+
+def _decode(sample: dict, transform: Transform) -> _Decoded:
+    encoded = image_bytes(sample)
+    labels, meta = parse_labels(sample)
+    return _Decoded(transform(decode_gray(encoded)), labels, meta)
 
 
 def _worker_slot() -> int:

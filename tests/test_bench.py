@@ -12,11 +12,11 @@ from PIL import Image
 from chexdist.bench import SUITES, run_suite
 from chexdist.errors import ChexdistError
 
-
 COMMON = {"bench", "format", "workers", "images", "batch_size", "ours_px", "image_size", "shard_bytes", "cpus", "comparison",
           "ours_img_s", "baseline_img_s", "ratio", "ours_cpu_ms", "baseline_cpu_ms", "cpu_ratio", "baseline_px", "baseline_format"}
 STREAM = {"decode_only_img_s", "decode_only_cpu_ms", "stream_1proc_img_s", "stream_1proc_cpu_ms", "stream_overhead", "pipeline_overhead",
-          "ours_steady_cpu_ms", "baseline_steady_cpu_ms", "pipeline_overhead_steady"}
+          "ours_steady_cpu_ms", "baseline_steady_cpu_ms", "pipeline_overhead_steady", "stage_cpu_ms", "glue_cpu_ms",
+          "ours_steady_main_cpu_ms", "baseline_steady_main_cpu_ms"}
 POSITIVE = {"ours_img_s", "baseline_img_s", "ratio", "ours_cpu_ms", "baseline_cpu_ms", "cpu_ratio", "shard_bytes"}
 
 
@@ -43,6 +43,12 @@ def test_loader_bench_prints_two_comparisons_per_format(tmp_path):
         if same_res:
             assert r["stream_overhead"] > -1 and r["pipeline_overhead"] > -1 and r["decode_only_cpu_ms"] > 0
             assert r["ours_steady_cpu_ms"] > 0 and r["baseline_steady_cpu_ms"] > 0
+            assert 0 <= r["ours_steady_main_cpu_ms"] <= r["ours_steady_cpu_ms"]
+            assert 0 <= r["baseline_steady_main_cpu_ms"] <= r["baseline_steady_cpu_ms"]
+            stages = r["stage_cpu_ms"]
+            assert list(stages) == ["tar", "labels", "decode", "transform", "seeding", "collate", "normalize"]
+            assert all(v >= 0 for v in stages.values()) and stages["decode"] > 0
+            assert r["glue_cpu_ms"] == pytest.approx(r["stream_1proc_cpu_ms"] - sum(stages.values()), abs=1e-3)
     assert list(tmp_path.iterdir()) == [images]
 
 
