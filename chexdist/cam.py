@@ -242,9 +242,9 @@ def localize(
     *,
     cam_threshold: float = 0.5,
     box_frame: int = NIH_BOX_FRAME,
-    n_boot: int = 1000,
+    n_boot: int | None = None,
     seed: int = 0,
-    level: float = 0.95,
+    level: float | None = None,
     batch_size: int = 16,
     out_dir: str | os.PathLike | None = None,
     progress: bool = False,
@@ -258,6 +258,7 @@ def localize(
     >= `cam_threshold` of the maximum) with `level` bootstrap CIs that resample patients, the hit
     rate of a uniformly random point (`chance_hit_rate`), and the share of boxes with IoU >= 0.1,
     0.25, 0.5. With `out_dir`, one overlay per box (box green, map box white). JSON-able result.
+    `n_boot` and `level` default to the run's `eval.bootstrap` and `eval.ci_level`, as in evaluate.
     """
     from chexdist.inference import LoadedRun, load_run
 
@@ -266,6 +267,8 @@ def localize(
     if box_frame < 0:
         raise ChexdistError(f"box frame {box_frame} must be >= 0 (0: boxes in the files' own pixels)")
     loaded = run if isinstance(run, LoadedRun) else load_run(run)
+    n_boot = loaded.config.eval.bootstrap if n_boot is None else n_boot
+    level = loaded.config.eval.ci_level if level is None else level
     table = _load_boxes(boxes)
     files, _ = expand_inputs(images)
     by_name = {f.name: f for f in files}

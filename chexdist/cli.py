@@ -502,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cam-threshold", type=float, default=0.5, help="--localize: map region at >= this fraction of its max")
     p.add_argument("--box-frame", type=int, default=1024, help="--localize: box coordinates are pixels of this square frame "
                    "(NIH: 1024), scaled to each file; 0: the files' own pixels")
-    p.add_argument("--bootstrap", type=int, default=1000, help="--localize: patient resamples for the CIs")
+    p.add_argument("--bootstrap", type=int, default=None,
+                   help="--localize: patient resamples for the CIs (default: the run's eval.bootstrap, 1000 in the recipes)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_cam)
