@@ -55,7 +55,7 @@ from webdataset.filters import shuffle
 
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS, NUM_LABELS
-from chexdist.shardformat import IMAGE_KEYS, iter_tar, load_manifest, local_path, resolve, sample_offsets, split_shards
+from chexdist.shardformat import IMAGE_KEYS, describe_stream_error, iter_tar, load_manifest, local_path, resolve, sample_offsets, split_shards
 from chexdist.stopsignals import blocked, serve_through_stop_signals
 from chexdist.transforms import GrayToNormalizedRGB, split_normalization
 
@@ -149,7 +149,7 @@ def _read_segments(shards: _Shards, segments: Iterable[tuple[int, int, int]], st
                 got += 1
                 yield sample
         except Exception as exc:
-            reason: BaseException | str = exc
+            reason: BaseException | str = describe_stream_error(exc)
         else:
             reason = "shard ended early (cut or corrupt tar, or fewer samples than its manifest record)"
         finally:

@@ -62,6 +62,23 @@ def _open(url: str):
         return gopen(url, "rb")
 
 
+_PIPE_EXIT = re.compile(r"^\(\(\[?'?(\S+?)'?[,\s].*: exit (\d+) \(read\)", re.DOTALL)
+_CURL_EXITS = {6: "cannot resolve the host", 7: "cannot connect to the host", 22: "HTTP error (e.g. 404: no such file)",
+               28: "timed out", 35: "TLS handshake failed", 60: "server certificate not trusted"}
+
+
+def describe_stream_error(exc: BaseException) -> str:
+    """A stream's failure in words: webdataset reports a failed command as the repr of its Popen
+    arguments; this names the command and its exit status (curl's explained) instead."""
+    found = _PIPE_EXIT.match(str(exc))
+    if found is None:
+        return str(exc)
+    program, status = os.path.basename(found[1]), int(found[2])
+    if program == "curl":
+        return f"curl exit {status}: {_CURL_EXITS.get(status, 'see man curl, EXIT CODES')}"
+    return f"the pipe: command exited with status {status}"
+
+
 def load_manifest(shard_dir: str | os.PathLike, manifest_path: str | os.PathLike | None = None) -> dict:
     """Read and check `manifest.json` (format version, label names and order, splits).
 
@@ -83,7 +100,7 @@ def load_manifest(shard_dir: str | os.PathLike, manifest_path: str | os.PathLike
     except json.JSONDecodeError as exc:
         raise ChexdistError(f"{where}: manifest is not valid JSON ({exc})") from exc
     except OSError as exc:
-        raise ChexdistError(f"{where}: cannot read the manifest ({exc})") from exc
+        raise ChexdistError(f"{where}: cannot read the manifest ({describe_stream_error(exc)}); check the URL or command") from exc
     if not isinstance(manifest, dict):
         raise ChexdistError(f"{where}: manifest must be a JSON object")
     if manifest.get("format_version") != FORMAT_VERSION:

@@ -99,6 +99,23 @@ def collect_train(loader) -> tuple[list[torch.Tensor], list[int]]:
 # ---------------------------------------------------------------- manifest and locations
 
 
+def test_unreachable_manifest_is_one_readable_line(tmp_path):
+    """A URL or command that cannot deliver the manifest names the failure, not a Popen repr."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ChexdistError) as refused:
+        load_manifest(f"http://127.0.0.1:{port}/nih")
+    assert str(refused.value) == (f"http://127.0.0.1:{port}/nih/manifest.json: cannot read the manifest "
+                                  "(curl exit 7: cannot connect to the host); check the URL or command")
+    with pytest.raises(ChexdistError) as failed:
+        load_manifest(f"pipe:cat {tmp_path}/{{name}}")
+    assert str(failed.value) == (f"pipe:cat {tmp_path}/manifest.json: cannot read the manifest "
+                                 "(the pipe: command exited with status 1); check the URL or command")
+
+
 def test_manifest_missing_label_order_and_split(tmp_path, uneven):
     with pytest.raises(ChexdistError, match="no manifest"):
         load_manifest(tmp_path)
