@@ -55,7 +55,16 @@ from webdataset.filters import shuffle
 
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS, NUM_LABELS
-from chexdist.shardformat import IMAGE_KEYS, describe_stream_error, iter_tar, load_manifest, local_path, resolve, sample_offsets, split_shards
+from chexdist.shardformat import (
+    IMAGE_KEYS,
+    describe_stream_error,
+    iter_tar,
+    load_manifest,
+    local_path,
+    resolve,
+    sample_offsets,
+    split_shards,
+)
 from chexdist.stopsignals import blocked, serve_through_stop_signals
 from chexdist.transforms import GrayToNormalizedRGB, split_normalization
 
