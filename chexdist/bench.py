@@ -315,8 +315,9 @@ def loader_suite(
       decode_only (bare decode + transform of the shard bytes in memory, one thread), stream_1proc
       (ours without workers, one thread), stream_overhead (their CPU-time ratio - 1: tar reading,
       shuffling, collation), stage_cpu_ms (what stream_1proc is made of, stage by stage: tar, labels,
-      decode, transform, seeding, collate, normalize; glue_cpu_ms is the rest) and pipeline_overhead (the whole `workers` pipeline's CPU time over bare
-      decode - 1: also worker start-up, IPC and the consumer's normalization). With workers (and
+      decode, transform, seeding, collate, normalize; glue_cpu_ms is the rest) and pipeline_overhead
+      (the whole `workers` pipeline's CPU time over bare decode - 1: also worker start-up, IPC and the
+      consumer's normalization). With workers (and
       /proc), *_steady_cpu_ms and pipeline_overhead_steady measure a second pass with persistent
       workers (no start-up), as every epoch after the first in training; *_steady_main_cpu_ms is the
       consuming process's part (receiving batches from the workers and normalizing them).
