@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 from chexdist import __version__
 from chexdist.errors import EXIT_INTERRUPTED, ChexdistError
+from chexdist.launcher import process_group_released
 
 DESCRIPTION = (
     "chexdist trains and evaluates multi-label chest X-ray classifiers (the 14 NIH ChestX-ray14 findings): "
@@ -547,7 +548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        with process_group_released():
+            return func(args)
     except ChexdistError as exc:
         print(f"chexdist: error: {exc}", file=sys.stderr)
         return 2

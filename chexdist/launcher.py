@@ -153,6 +153,20 @@ def held_stop_signals() -> list[int]:
     return caught
 
 
+@contextlib.contextmanager
+def process_group_released() -> Iterator[None]:
+    """Around a command's whole run: destroy the default process group before the interpreter exits.
+    Left to exit, a gloo worker thread can still be freeing a finished all-gather's tensors while
+    Python finalizes, and the process dies of SIGABRT ("terminate called without an active exception")
+    after its work is done. Destroying the group joins those threads first."""
+    try:
+        yield
+    finally:
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def follow_launcher() -> None:
     """In a worker started by `run_workers`: get SIGTERM when the launcher dies (Linux), so a killed
     launcher leaves a checkpoint instead of orphans that train on."""

@@ -93,9 +93,9 @@ def _refuse(exc: ChexdistError, same_on_all_ranks: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from chexdist.launcher import follow_launcher, hold_stop_signals
+    from chexdist.launcher import follow_launcher, hold_stop_signals, process_group_released
 
-    with hold_stop_signals():
+    with hold_stop_signals(), process_group_released():
         follow_launcher()
         return _main(argv)
 

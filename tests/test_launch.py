@@ -192,3 +192,22 @@ def test_launcher_env_and_first_failing_exit_code(monkeypatch, tmp_path, capsys)
     assert launcher.run_workers([sys.executable, "-c", killed], 2, cpu=True) == 128 + signal.SIGKILL
     assert capsys.readouterr().err.splitlines() == ["chexdist: rank 0 was killed by SIGKILL"]
 
+
+
+def test_a_command_destroys_its_process_group_before_exit(monkeypatch):
+    """Left to interpreter exit, a gloo thread still freeing a finished all-gather's tensors can abort
+    the process (SIGABRT, "terminate called without an active exception") after its work is done."""
+    import torch.distributed as dist
+
+    from chexdist import cli
+    from chexdist.launcher import free_port
+
+    def evaluate_in_a_group(args) -> int:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        gathered = [None]
+        dist.all_gather_object(gathered, "scored")
+        return 0 if gathered == ["scored"] else 1
+
+    monkeypatch.setattr(cli, "cmd_evaluate", evaluate_in_a_group)
+    assert cli.main(["evaluate", "--run", "unused"]) == 0
+    assert not dist.is_initialized()

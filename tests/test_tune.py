@@ -232,12 +232,49 @@ def test_resume_after_killing_the_search_does_not_rerun_finished_trials(ray_tmp,
     resumed = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = read_csv(exp / "results.csv")
-    assert len(rows) == 6 and all(r["status"] == "DONE" and r["epochs"] == "2" for r in rows)
+    assert len(rows) == 6
+    assert [(r["trial"], r["status"], r["epochs"], r["error"]) for r in rows if (r["status"], r["epochs"]) != ("DONE", "2")] == []
     for name, text in done_before.items():
         assert (exp / name / "run" / "metrics.jsonl").read_text() == text
         assert (exp / name / "run" / "metrics.jsonl").stat().st_mtime_ns == mtimes[name]
     for row in rows:
         assert [r["epoch"] for r in trial_results(Path(row["trial_dir"]))][-1] == 2
+
+
+@pytest.mark.slow
+def test_resume_restores_from_the_newer_checkpoint_when_ray_recorded_a_deleted_one(ray_tmp, shards, tmp_path, caplog):
+    """Ray deletes a trial's older checkpoint before its snapshot records the newer one, so a search
+    killed in between restores from a deleted checkpoint. Made here on purpose: a finished one-trial
+    search whose snapshot says the trial is running, its recorded checkpoint gone, a newer one beside it."""
+    args = tune_args(shards, tmp_path, "stale", "--trials", "1", "--max-epochs", "2", "--scheduler", "fifo", "--seed", "3")
+    assert run_cli(args) == 0
+    exp = tmp_path / "stale"
+    trial_dir = next(p for p in exp.iterdir() if p.name.startswith("run_trial_"))
+    assert [p.name for p in trial_dir.glob("checkpoint_*")] == ["checkpoint_000001"]
+    (trial_dir / "checkpoint_000001").rename(trial_dir / "checkpoint_000002")
+    snapshot = max(exp.glob("experiment_state-*.json"))
+    state = json.loads(snapshot.read_text())
+    assert '"status": "TERMINATED"' in state["trial_data"][0][0]
+    state["trial_data"] = [[trial.replace('"status": "TERMINATED"', '"status": "RUNNING"'), meta] for trial, meta in state["trial_data"]]
+    snapshot.write_text(json.dumps(state))
+    metrics = (trial_dir / "run" / "metrics.jsonl").read_text()
+
+    with caplog.at_level("WARNING", logger="chexdist"):
+        assert run_cli([*args, "--resume"]) == 0
+    rows = read_csv(exp / "results.csv")
+    assert [(r["status"], r["epochs"], r["error"]) for r in rows] == [("DONE", "2", "")]
+    assert (trial_dir / "checkpoint_000001" / "tune_state.json").is_file()
+    assert (trial_dir / "run" / "metrics.jsonl").read_text() == metrics  # continued at epoch 2: nothing re-run
+    assert "its recorded checkpoint checkpoint_000001 was deleted" in caplog.text and "newer checkpoint_000002" in caplog.text
+
+
+def test_replacement_is_the_oldest_newer_checkpoint():
+    from chexdist.tunerestore import replacement_for
+
+    siblings = ["checkpoint_000004", "checkpoint_000003", "checkpoint_000001", "run", "checkpoint_000003.restoring"]
+    assert replacement_for("/exp/trial/checkpoint_000002", siblings) == "checkpoint_000003"
+    assert replacement_for("/exp/trial/checkpoint_000004/", siblings) is None
+    assert replacement_for("/exp/trial/run", siblings) is None
 
 
 BAD_SPACES = [
