@@ -108,7 +108,7 @@ class SearchSpace:
         """The overrides of one trial: fixed values plus sampled values whose `when` holds."""
         chosen = dict(self.fixed)
         for key, p in self.params.items():
-            if all(sampled.get(k) in allowed for k, allowed in p.when.items()):
+            if key in sampled and all(sampled.get(k) in allowed for k, allowed in p.when.items()):
                 chosen[key] = sampled[key]
         return chosen
 
@@ -609,6 +609,9 @@ def run_search(args: argparse.Namespace) -> int:
         ray.shutdown()
     print(summary["table"])
     print(f"\n{summary['trials']} trial(s), {summary['errors']} failed; results in {plan.experiment_dir}")
+    if summary["unfinished"]:
+        print(f"{summary['unfinished']} trial(s) did not finish (the search was stopped, or --time-budget ran out); "
+              "the same command with --resume continues them")
     if summary["best_recipe"]:
         print(f"best config: {summary['best_recipe']} (train it: chexdist train --recipe {summary['best_recipe']} --out runs/best)")
     return 0 if summary["best_recipe"] else 1
@@ -681,8 +684,9 @@ def write_outputs(grid, plan: SearchPlan) -> dict[str, Any]:
 
     out = Path(plan.experiment_dir)
     rows, curves = [], {}
+    statuses = _ray_statuses(plan.experiment_dir)
     for result in grid:
-        params = result.config or {}
+        params = result.config or _started_params(result.path)
         history = trial_history(result)
         trial_id = _trial_id(result)
         row: dict[str, Any] = {"trial": trial_id, "status": None}
@@ -699,7 +703,7 @@ def write_outputs(grid, plan: SearchPlan) -> dict[str, Any]:
         else:
             row.update(best_epoch=None, best_val_auc_mean=None, best_val_f1_mean=None, best_val_ap_mean=None,
                        best_val_loss=None, epochs=0, wall_s=None)
-        row["status"] = _status(result, row["epochs"], plan.config.train.epochs)
+        row["status"] = _status(result, statuses.get(trial_id), row["epochs"], plan.config.train.epochs)
         row["error"] = _error_line(result.error)
         row["trial_dir"] = result.path
         rows.append(row)
@@ -716,8 +720,9 @@ def write_outputs(grid, plan: SearchPlan) -> dict[str, Any]:
         write_best_recipe(out / "best.yaml", plan, grid, top)
     columns = ["trial", "status", "epochs", "best_val_auc_mean", "best_val_f1_mean", "best_val_ap_mean", *plan.space.params]
     text = ok.head(5)[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-") if len(ok) else "no trial reported a result"
+    counts = table["status"].value_counts() if len(table) else {}
     return {"table": f"top {min(5, len(ok))} of {len(table)} trial(s) by {METRIC}:\n{text}", "trials": len(table),
-            "errors": int((table["status"] == "ERROR").sum()) if len(table) else 0, "best_recipe": best_recipe}
+            "errors": int(counts.get("ERROR", 0)), "unfinished": int(counts.get("UNFINISHED", 0)), "best_recipe": best_recipe}
 
 
 def trial_history(result):
@@ -737,6 +742,13 @@ def trial_history(result):
     return pd.DataFrame([records[e] for e in sorted(records)])
 
 
+def _started_params(trial_dir: str) -> dict[str, Any]:
+    """A trial's parameters when Ray has no result for it (the search was stopped while the trial
+    was starting): the `params.json` Ray writes at its start, if the folder is local."""
+    path = Path(trial_dir) / "params.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _trial_id(result) -> str:
     """From the trial folder's name (`run_trial_<id>_<n>_...`): under PBT a trial's last result carries its donor's id."""
     found = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(result.path).name)
@@ -748,10 +760,21 @@ def _wall_seconds(result) -> float | None:
     return round(float(seconds), 2) if seconds is not None else None
 
 
-def _status(result, epochs: int, budget: int) -> str:
-    """ERROR, DONE (ran its epoch budget) or STOPPED (by ASHA/PBT, early stopping or a time budget)."""
+def _ray_statuses(experiment_dir: str) -> dict[str, str]:
+    """Each trial's status in the experiment's final snapshot. Its last result's `done` flag would
+    not do: a trial that finished before a `--resume` comes back without it."""
+    from ray.tune import ExperimentAnalysis
+
+    return {trial.trial_id: trial.status for trial in ExperimentAnalysis(experiment_dir).trials}
+
+
+def _status(result, ray_status: str | None, epochs: int, budget: int) -> str:
+    """ERROR; UNFINISHED (pending or running when the search was stopped, or its --time-budget ran
+    out); DONE (ran its epoch budget); or STOPPED (by ASHA/PBT, early stopping or --trial-time)."""
     if result.error is not None:
         return "ERROR"
+    if ray_status not in (None, "TERMINATED", "ERROR"):
+        return "UNFINISHED"
     return "DONE" if epochs >= budget else "STOPPED"
 
 

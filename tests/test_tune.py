@@ -242,6 +242,34 @@ def test_resume_after_killing_the_search_does_not_rerun_finished_trials(ray_tmp,
 
 
 @pytest.mark.slow
+def test_ctrl_c_lists_unfinished_trials_and_resume_finishes_them(ray_tmp, shards, tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the search's process group) while trials run or wait."""
+    args = tune_args(shards, tmp_path, "ctrlc", "--trials", "4", "--max-epochs", "2", "--scheduler", "fifo",
+                     "--max-concurrent", "1", "--seed", "2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "tune" / "search.py"), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while not list((tmp_path / "ctrlc").glob("*/epochs.jsonl")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the search ended before Ctrl-C"
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
+    rows = read_csv(tmp_path / "ctrlc" / "results.csv")
+    unfinished = [r for r in rows if r["status"] == "UNFINISHED"]
+    assert len(rows) <= 4 and unfinished and all(r["status"] in ("DONE", "UNFINISHED") for r in rows), rows  # later ones not created yet
+    assert all(r["loss.name"] in ("bce", "focal") for r in rows)  # a trial that never reported still shows its parameters
+    assert f"{len(unfinished)} trial(s) did not finish" in out and "with --resume continues them" in out
+
+    resumed = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [(r["status"], r["epochs"]) for r in read_csv(tmp_path / "ctrlc" / "results.csv")] == [("DONE", "2")] * 4
+    assert "did not finish" not in resumed.stdout
+
+
+@pytest.mark.slow
 def test_resume_restores_from_the_newer_checkpoint_when_ray_recorded_a_deleted_one(ray_tmp, shards, tmp_path, caplog):
     """Ray deletes a trial's older checkpoint before its snapshot records the newer one, so a search
     killed in between restores from a deleted checkpoint. Made here on purpose: a finished one-trial
@@ -266,6 +294,20 @@ def test_resume_restores_from_the_newer_checkpoint_when_ray_recorded_a_deleted_o
     assert (trial_dir / "checkpoint_000001" / "tune_state.json").is_file()
     assert (trial_dir / "run" / "metrics.jsonl").read_text() == metrics  # continued at epoch 2: nothing re-run
     assert "its recorded checkpoint checkpoint_000001 was deleted" in caplog.text and "newer checkpoint_000002" in caplog.text
+
+
+def test_a_trial_stopped_before_its_first_result_keeps_its_parameters(tmp_path):
+    """Ctrl-C while a trial starts: Ray has no result (so no config) for it, only the params.json it wrote."""
+    from chexdist.tuning import _started_params, load_space
+
+    space = load_space(TINY_SPACE, load_config("tiny"))
+    trial = tmp_path / "run_trial_abcde_00003_3"
+    trial.mkdir()
+    assert _started_params(str(trial)) == {}
+    assert space.active({}) == space.fixed
+    (trial / "params.json").write_text(json.dumps({"loss.name": "bce", "loss.gamma": 2.0, "optim.name": "adam", "optim.lr": 1e-3}))
+    active = space.active(_started_params(str(trial)))
+    assert active["loss.name"] == "bce" and active["optim.lr"] == 1e-3 and "loss.gamma" not in active
 
 
 def test_replacement_is_the_oldest_newer_checkpoint():
