@@ -31,7 +31,7 @@ def replacement_for(missing: str, siblings: list[str]) -> str | None:
     return newer[0][1] if newer else None
 
 
-class RestoreFromNewestCheckpoint(Callback):
+class RestoreFromNextCheckpoint(Callback):
     """Replaces a restored trial's deleted checkpoint by the trial's next one (see the module)."""
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:

@@ -621,7 +621,7 @@ def build_tuner(args: argparse.Namespace, plan: SearchPlan):
     """The Tuner of a planned search (Ray must be running), or the restored one with --resume."""
     from ray import tune
 
-    from chexdist.tunerestore import RestoreFromNewestCheckpoint
+    from chexdist.tunerestore import RestoreFromNextCheckpoint
 
     setup = TrialSetup(config_to_dict(plan.config), plan.space, plan.experiment_dir, args.workers_per_trial,
                        args.cpus_per_trial, plan.gpus, args.max_failures)
@@ -651,7 +651,7 @@ def build_tuner(args: argparse.Namespace, plan: SearchPlan):
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
             # PBT clones other trials' checkpoints; Ray's pruning then deletes ones still in use
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None if args.scheduler == "pbt" else 1),
-            callbacks=[RestoreFromNewestCheckpoint()],
+            callbacks=[RestoreFromNextCheckpoint()],
             progress_reporter=_reporter(plan),
             verbose=1,
         ),
