@@ -2,6 +2,6 @@
 
 import sys
 
-from chexdist.cli import main
+from chexdist.cli.main import main
 
 sys.exit(main())

@@ -15,6 +15,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]  # `accelerate launch chexdist/train.py` puts chexdist/ first: no top-level `data`, `models`, ...
+
 from chexdist.config import Config, load_config
 from chexdist.errors import EXIT_BAD_INPUT, ChexdistError
 
@@ -70,7 +73,7 @@ def launch_rank() -> int:
 
 
 def training_function(config: Config, args: argparse.Namespace) -> int:
-    from chexdist.engine import Preempted, fit
+    from chexdist.training.engine import Preempted, fit
 
     try:
         result = fit(config, args.out, resume=args.resume, progress=not args.no_progress)
@@ -93,7 +96,7 @@ def _refuse(exc: ChexdistError, same_on_all_ranks: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from chexdist.launcher import follow_launcher, hold_stop_signals, process_group_released
+    from chexdist.training.launcher import follow_launcher, hold_stop_signals, process_group_released
 
     with hold_stop_signals(), process_group_released():
         follow_launcher()
@@ -110,7 +113,7 @@ def _main(argv: Sequence[str] | None) -> int:
         config = resolve_config(args)
     except ChexdistError as exc:  # from the command line and files alone: every rank sees the same
         return _refuse(exc, same_on_all_ranks=True)
-    from chexdist.engine import SameOnAllRanks
+    from chexdist.training.engine import SameOnAllRanks
 
     try:
         return training_function(config, args)

@@ -32,7 +32,7 @@ def real_data() -> Path:
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
-    from chexdist.synth import make_synthetic_nih
+    from chexdist.data.synth import make_synthetic_nih
 
     root = tmp_path_factory.mktemp("synth-nih")
     make_synthetic_nih(root, images=240, size=64, seed=0)
@@ -41,7 +41,7 @@ def synth_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def synth_shards(synth_root, tmp_path_factory) -> Path:
-    from chexdist.pack import PackSettings, pack_dataset
+    from chexdist.data.pack import PackSettings, pack_dataset
 
     out = tmp_path_factory.mktemp("shards") / "synth"
     pack_dataset(synth_root, out, PackSettings(split="official", size=64, shard_size=32), workers=1, progress=False)
@@ -51,8 +51,8 @@ def synth_shards(synth_root, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def train_shards(tmp_path_factory) -> Path:
     """Shards the tiny recipe learns from (900 images, 72 px), shared by the training tests."""
-    from chexdist.pack import PackSettings, pack_dataset
-    from chexdist.synth import make_synthetic_nih
+    from chexdist.data.pack import PackSettings, pack_dataset
+    from chexdist.data.synth import make_synthetic_nih
 
     root = tmp_path_factory.mktemp("train-data")
     make_synthetic_nih(root / "nih", images=900, size=96, seed=0)
@@ -65,8 +65,8 @@ def eval_shards(tmp_path_factory) -> Path:
     """Synthetic shards with a validation split large enough to tune thresholds on (20% of train_val).
     160 px files (boxes in `eval_shards.parent / "nih" / "BBox_List_2017.csv"`) packed at 144, so the
     model below sees 128 px crops and its last block is a 4x4 grid that Grad-CAM can point with."""
-    from chexdist.pack import PackSettings, pack_dataset
-    from chexdist.synth import make_synthetic_nih
+    from chexdist.data.pack import PackSettings, pack_dataset
+    from chexdist.data.synth import make_synthetic_nih
 
     root = tmp_path_factory.mktemp("eval-data")
     make_synthetic_nih(root / "nih", images=1200, size=160, seed=1)

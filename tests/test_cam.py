@@ -10,15 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from chexdist import cli
-from chexdist.cam import GradCam, box_iou, clip_box, localize, map_box, peak_point
+from chexdist.cli import main as cli
+from chexdist.evaluation.cam import GradCam, box_iou, clip_box, localize, map_box, peak_point
 from chexdist.errors import ChexdistError
-from chexdist.images import encode
-from chexdist.inputs import InputPipeline
-from chexdist.metrics import bootstrap_mean_ci
-from chexdist.models import create_model
-from chexdist.nih import read_image_list
-from chexdist.transforms import build_transform
+from chexdist.data.images import encode
+from chexdist.evaluation.inputs import InputPipeline
+from chexdist.evaluation.metrics import bootstrap_mean_ci
+from chexdist.models.factory import create_model
+from chexdist.data.nih import read_image_list
+from chexdist.data.transforms import build_transform
 
 
 def hand_gradcam(features: torch.nn.Module, head, x: torch.Tensor, cls: int) -> np.ndarray:
@@ -138,7 +138,7 @@ def test_cam_cli_overlays_and_localization_report(trained_run, eval_shards, tmp_
     images = sorted(nih.glob("images_*/images/*.png"))[:4]
     out = tmp_path / "cams"
     assert cli.main(["cam", "--run", str(trained_run), *map(str, images), "--out", str(out), "--quiet"]) == 0
-    from chexdist.predict import predict_files
+    from chexdist.evaluation.predict import predict_files
 
     expected = {f"{r['image'].rsplit('/', 1)[1][:-4]}_{f}.png" for r in predict_files(trained_run, images, progress=False).records
                 for f in r["positive"]}
@@ -188,8 +188,8 @@ def test_evaluate_localize_scores_only_the_evaluated_splits_images(trained_run, 
     every box of a test image is scored or counted outside the crop, and no box of another split is."""
     import csv
 
-    from chexdist.cam import BBOX_FINDINGS
-    from chexdist.nih import read_bbox_list
+    from chexdist.evaluation.cam import BBOX_FINDINGS
+    from chexdist.data.nih import read_bbox_list
 
     nih = eval_shards.parent / "nih"
     out = tmp_path / "eval"

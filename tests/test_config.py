@@ -268,7 +268,7 @@ def test_changing_image_size_alone_keeps_the_eval_view(recipe):
     crop_pct of each side whatever image_size is (it used to stay Resize 256 and keep 14% at 96 px)."""
     import numpy as np
 
-    from chexdist.transforms import build_transform
+    from chexdist.data.transforms import build_transform
 
     cfg = load_config(recipe, overrides=["data.image_size=96"])
     assert cfg.data.resolved_eval_resize == 109 == int(96 / 0.875)

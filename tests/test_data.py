@@ -15,11 +15,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from chexdist.data import build_eval_loader, build_train_loader
+from chexdist.data.loader import build_eval_loader, build_train_loader
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS
-from chexdist.shardformat import iter_tar, load_manifest, resolve, shard_urls
-from chexdist.transforms import build_transform
+from chexdist.data.shardformat import iter_tar, load_manifest, resolve, shard_urls
+from chexdist.data.transforms import build_transform
 
 EVAL = build_transform("none", image_size=8, eval_resize=10, train=False)
 
@@ -288,7 +288,7 @@ def test_train_skips_are_counted_and_replaced(tmp_path, caplog):
     with open(tmp_path / "train-000002.tar", "r+b") as f:
         f.truncate(1536)
     total, skipped, seen = len(keys["train"]), 0, []
-    with caplog.at_level(logging.WARNING, logger="chexdist.data"):
+    with caplog.at_level(logging.WARNING, logger="chexdist.data.loader"):
         for rank in range(2):
             loader, n = build_train_loader(tmp_path, 4, EVAL, 0, 2, rank, seed=0, epoch=0)
             images, numbers = collect_train(loader)
@@ -518,7 +518,7 @@ def test_train_python_and_numpy_generators_differ_by_epoch_rank_worker_and_batch
 
 
 def test_sample_offsets_open_a_shard_at_any_sample(uneven, tmp_path):
-    from chexdist.shardformat import sample_offsets
+    from chexdist.data.shardformat import sample_offsets
 
     root, keys = uneven
     url = str(root / "train-000002.tar")
@@ -545,7 +545,7 @@ def test_sample_offsets_open_a_shard_at_any_sample(uneven, tmp_path):
 
 @pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
 def test_sample_offsets_with_long_names(tmp_path, fmt):
-    from chexdist.shardformat import sample_offsets
+    from chexdist.data.shardformat import sample_offsets
 
     deep = "d" * 90 + "/" + "e" * 60
     path = tmp_path / "x.tar"
@@ -581,7 +581,7 @@ def test_ranged_pipe_readers_start_at_their_first_sample(uneven):
     """A pipe: template with an {offset} placeholder (byte-range streams) reads each byte of one epoch
     once, like a folder: bytes_read equals the folder's (the epoch's ceil wrap included), with the same
     batches as reading through; without the placeholder the stream re-reads prefixes."""
-    from chexdist.shardformat import sample_offsets
+    from chexdist.data.shardformat import sample_offsets
 
     root, _ = uneven
     manifest = load_manifest(root)

@@ -18,10 +18,10 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
 
-from chexdist.cli import main
-from chexdist.evaluate import read_predictions, summarize
+from chexdist.cli.main import main
+from chexdist.evaluation.evaluate import read_predictions, summarize
 from chexdist.labels import LABELS
-from chexdist.metrics import bootstrap_ci, tune_thresholds
+from chexdist.evaluation.metrics import bootstrap_ci, tune_thresholds
 from tests.conftest import REPO
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
@@ -98,9 +98,9 @@ def test_report_files_and_metrics_match_sklearn(evaluated: Path, eval_shards: Pa
 
 def test_predictions_are_the_models_outputs_on_the_shard_images(evaluated: Path, eval_shards: Path):
     """predictions.csv rows, recomputed independently: decode the shard image, eval transform, model."""
-    from chexdist.data import decode_gray
-    from chexdist.inference import load_run
-    from chexdist.shardformat import iter_tar
+    from chexdist.data.loader import decode_gray
+    from chexdist.evaluation.inference import load_run
+    from chexdist.data.shardformat import iter_tar
 
     run = load_run(evaluated)
     preds = read_predictions(evaluated / "eval-test" / "predictions.csv")
@@ -193,7 +193,7 @@ def test_class_without_positives_is_null_with_reason_and_patient_cis_are_wider()
 def test_import_chexnet_checkpoint_gives_identical_outputs_and_evaluates(eval_shards: Path, tmp_path: Path, capsys):
     import torchvision
 
-    from chexdist.inference import load_run
+    from chexdist.evaluation.inference import load_run
 
     torch.manual_seed(0)
     reference = torchvision.models.densenet121(weights=None)

@@ -1,4 +1,4 @@
-"""http(s) shards from a real local HTTP server (`chexdist.bench.serve_folder`): readers that start
+"""http(s) shards from a real local HTTP server (`chexdist.bench.loader.serve_folder`): readers that start
 mid-shard ask for their byte range, a server that ignores Range costs bytes but not batches, and a
 bad answer to a range request loses only its samples, counted and explained."""
 
@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import chexdist.data
-import chexdist.shardformat
-from chexdist.bench import FolderHandler, serve_folder
-from chexdist.data import build_train_loader
-from chexdist.shardformat import load_manifest
-from chexdist.transforms import build_transform
+import chexdist.data.loader
+import chexdist.data.shardformat
+from chexdist.bench.loader import FolderHandler, serve_folder
+from chexdist.data.loader import build_train_loader
+from chexdist.data.shardformat import load_manifest
+from chexdist.data.transforms import build_transform
 
 EVAL = build_transform("none", image_size=8, eval_resize=8, train=False)
 RANKS, BATCH = 2, 4
@@ -25,8 +25,8 @@ RANKS, BATCH = 2, 4
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> tuple[Path, dict]:
     """120 synthetic 32-px images in 12 train shards of 10, packed with their sample offsets."""
-    from chexdist.pack import PackSettings, pack_dataset
-    from chexdist.synth import make_synthetic_nih
+    from chexdist.data.pack import PackSettings, pack_dataset
+    from chexdist.data.synth import make_synthetic_nih
 
     root = tmp_path_factory.mktemp("http-shards")
     make_synthetic_nih(root / "nih", images=120, size=32, seed=0)
@@ -108,7 +108,7 @@ def test_server_that_ignores_ranges_costs_bytes_not_batches(shards, caplog):
     with serve_folder(folder) as (url, _):
         ranged, ranged_read, _, _ = epoch(url, manifest, workers=0)
     requests: list = []
-    with caplog.at_level(logging.WARNING, logger="chexdist.shardformat"), \
+    with caplog.at_level(logging.WARNING, logger="chexdist.data.shardformat"), \
             serve_folder(folder, ranges=False, handler=recording(requests)) as (url, sent):
         ignored, ignored_read, skipped, _ = epoch(url, manifest, workers=0)
     assert same_batches(ignored, local) and same_batches(ranged, local) and skipped == 0
@@ -152,16 +152,16 @@ def test_bad_range_answers_are_counted_skips(shards, caplog, monkeypatch, fault,
     """Each failed range request loses exactly the samples it asked for: counted as skipped, logged
     with the reason, replaced, so every rank still gets its full number of batches."""
     folder, manifest = shards
-    monkeypatch.setattr(chexdist.data, "_skips_logged", 0)
-    monkeypatch.setattr(chexdist.shardformat, "HTTP_RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(chexdist.data.loader, "_skips_logged", 0)
+    monkeypatch.setattr(chexdist.data.shardformat, "HTTP_RETRY_DELAY_S", 0.0)
     offsets = {r["name"]: r["offsets"] for r in manifest["splits"]["train"]["shards"]}
     requests: list = []
     handler = type("Fault", (Faulty,), {"fault": fault, "faulted": requests})
-    with caplog.at_level(logging.WARNING, logger="chexdist.data"), serve_folder(folder, handler=handler) as (url, _):
+    with caplog.at_level(logging.WARNING, logger="chexdist.data.loader"), serve_folder(folder, handler=handler) as (url, _):
         batches, _, skipped, promised = epoch(url, manifest, workers=0)
     assert len(batches) == promised == 30
     faulted = list(dict.fromkeys(requests))
-    tries = chexdist.shardformat.HTTP_RETRIES + 1 if fault == "500" else 1  # only the transient answer is retried
+    tries = chexdist.data.shardformat.HTTP_RETRIES + 1 if fault == "500" else 1  # only the transient answer is retried
     assert all(requests.count(r) == tries for r in faulted), requests
     asked = [(len(offsets[name]) if end is None else bisect.bisect_right(offsets[name], end)) - offsets[name].index(start)
              for name, start, end in faulted]
@@ -174,7 +174,7 @@ def test_iter_tar_asks_for_exactly_the_samples_it_reads(shards):
     """iter_tar over http with the offset index: a read from mid-shard sends 'bytes=N-M' (urllib), a
     read from sample 0 that stops early 'bytes=0-M' (curl), a whole shard no Range; the samples are the
     folder's and the server sends exactly the bytes asked for. A redirect keeps the Range."""
-    from chexdist.shardformat import iter_tar
+    from chexdist.data.shardformat import iter_tar
 
     folder, manifest = shards
     record = manifest["splits"]["train"]["shards"][3]
@@ -212,7 +212,7 @@ class Flaky(FolderHandler):
 def test_transient_http_errors_are_retried(shards, monkeypatch):
     """A 503 (an object store's "slow down") is retried, as curl's --retry does: nothing is lost."""
     folder, manifest = shards
-    monkeypatch.setattr(chexdist.shardformat, "HTTP_RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(chexdist.data.shardformat, "HTTP_RETRY_DELAY_S", 0.0)
     local, *_ = epoch(folder, manifest, workers=0)
     seen: set = set()
     with serve_folder(folder, handler=type("Flaky503", (Flaky,), {"seen": seen})) as (url, _):

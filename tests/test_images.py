@@ -1,4 +1,4 @@
-"""Decoding, resizing and encoding rules of chexdist.images on real PNG/JPEG files."""
+"""Decoding, resizing and encoding rules of chexdist.data.images on real PNG/JPEG files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageFile, ImageOps
 
 from chexdist.errors import ChexdistError
-from chexdist.images import ImageDecodeError, decode_gray8, encode, load_gray8, resize_shorter, resized_shape
+from chexdist.data.images import ImageDecodeError, decode_gray8, encode, load_gray8, resize_shorter, resized_shape
 
 NIH_SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "nih-sample" / "images"
 

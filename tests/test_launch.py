@@ -174,7 +174,7 @@ def test_accelerate_launch_errors_come_from_rank_0_only(train_shards, tmp_path):
 def test_launcher_env_and_first_failing_exit_code(monkeypatch, tmp_path, capsys):
     """The worker environment Accelerate reads, and exit codes: a rank's 2 passes through and a rank
     still running GRACE_S later is killed and named in one line."""
-    from chexdist import launcher
+    from chexdist.training import launcher
 
     monkeypatch.setattr(launcher, "GRACE_S", 1.0)
     script = (f"import json, os, sys, time\n"
@@ -199,8 +199,8 @@ def test_a_command_destroys_its_process_group_before_exit(monkeypatch):
     the process (SIGABRT, "terminate called without an active exception") after its work is done."""
     import torch.distributed as dist
 
-    from chexdist import cli
-    from chexdist.launcher import free_port
+    from chexdist.cli import main as cli
+    from chexdist.training.launcher import free_port
 
     def evaluate_in_a_group(args) -> int:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)

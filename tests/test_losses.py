@@ -10,7 +10,7 @@ import torch
 
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS
-from chexdist.losses import build_loss, pos_weight_from_counts
+from chexdist.training.losses import build_loss, pos_weight_from_counts
 
 torch.set_num_threads(1)
 

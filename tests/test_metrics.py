@@ -1,4 +1,4 @@
-"""chexdist.metrics against scikit-learn, brute force, and materialized bootstrap resamples."""
+"""chexdist.evaluation.metrics against scikit-learn, brute force, and materialized bootstrap resamples."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sklearn.metrics import average_precision_score, f1_score, precision_score, 
 
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS
-from chexdist.metrics import (
+from chexdist.evaluation.metrics import (
     _Resampler,
     bootstrap_ci,
     per_class_metrics,
@@ -349,7 +349,7 @@ def brute_force_delong(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, n
 
 
 def test_fast_delong_matches_the_definition_and_sklearn() -> None:
-    from chexdist.metrics import delong_auc_cov
+    from chexdist.evaluation.metrics import delong_auc_cov
 
     rng = np.random.default_rng(3)
     y = (rng.random(300) < 0.3).astype(int)
@@ -363,7 +363,7 @@ def test_fast_delong_matches_the_definition_and_sklearn() -> None:
 
 
 def test_delong_test_agrees_with_paired_bootstrap() -> None:
-    from chexdist.metrics import delong_test, paired_bootstrap_auc
+    from chexdist.evaluation.metrics import delong_test, paired_bootstrap_auc
 
     rng = np.random.default_rng(4)
     n = 1500
@@ -387,7 +387,7 @@ def test_delong_test_agrees_with_paired_bootstrap() -> None:
 
 
 def test_paired_bootstrap_resamples_patients() -> None:
-    from chexdist.metrics import paired_bootstrap_auc
+    from chexdist.evaluation.metrics import paired_bootstrap_auc
 
     p, y, groups = patient_case(40, 20)
     q = np.clip(p + 0.05 * np.random.default_rng(2).standard_normal(p.shape), 0, 1)
@@ -420,7 +420,7 @@ def test_curve_points_and_reliability_match_sklearn() -> None:
     from sklearn.calibration import calibration_curve
     from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
-    from chexdist.metrics import curve_points, reliability
+    from chexdist.evaluation.metrics import curve_points, reliability
 
     p, y = make_case("ties")
     pts = curve_points(p[:, 3], y[:, 3])

@@ -14,7 +14,7 @@ from torch import nn
 
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS
-from chexdist.models import (
+from chexdist.models.factory import (
     create_model,
     fixed_input_size,
     gradcam_target_layer,
@@ -225,7 +225,7 @@ def test_normalization_comes_from_the_model() -> None:
     assert model_normalization(create_model("densenet121")) == imagenet
     assert model_normalization(create_model(TINY, head="dense_bn")) == model_normalization(TINY) == half
 
-    from chexdist.transforms import build_transform
+    from chexdist.data.transforms import build_transform
 
     white = torch.full((1, 80, 80), 255, dtype=torch.uint8)
     vit = build_transform("none", image_size=64, eval_resize=72, train=False, normalization=half)(white)

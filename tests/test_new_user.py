@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from chexdist.config import config_keys
-from chexdist.fileio import append_jsonl, atomic_write_json, dumps_json, loads_strict
+from chexdist.utils.fileio import append_jsonl, atomic_write_json, dumps_json, loads_strict
 from chexdist.labels import LABELS
 from tests.conftest import REAL_CSV, REAL_IMAGES, REPO
 

@@ -8,7 +8,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from chexdist import nih
+from chexdist.data import nih
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS, check_labels, parse_findings
 from tests.conftest import REAL_BBOX, REAL_CSV

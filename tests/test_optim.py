@@ -7,7 +7,7 @@ import torch
 
 from chexdist.config import load_config
 from chexdist.errors import ChexdistError
-from chexdist.optim import build_optimizer, build_scheduler, step_scheduler
+from chexdist.training.optim import build_optimizer, build_scheduler, step_scheduler
 
 
 def lrs(overrides: list[str], val_losses: list[float]) -> list[float]:
@@ -51,7 +51,7 @@ def test_optimizer_kinds_take_their_keys():
 def test_weight_decay_skips_batchnorm_weights_and_biases(name):
     """With zero gradients an optimizer step is pure weight decay: conv/linear weights shrink by
     (1 - lr * wd) (AdamW) or lr * wd * w (SGD); BatchNorm weights and every bias stay put."""
-    from chexdist.models import create_model
+    from chexdist.models.factory import create_model
 
     torch.manual_seed(0)
     model = create_model("test_resnet")

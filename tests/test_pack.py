@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chexdist import nih
-from chexdist.images import decode_gray8
+from chexdist.data import nih
+from chexdist.data.images import decode_gray8
 from chexdist.labels import LABELS
-from chexdist.pack import PackSettings, pack_dataset, verify_shards
-from chexdist.shardformat import load_manifest as read_manifest
+from chexdist.data.pack import PackSettings, pack_dataset, verify_shards
+from chexdist.data.shardformat import load_manifest as read_manifest
 from tests.conftest import REAL_CSV, REAL_IMAGES, REPO
 
 
@@ -158,7 +158,7 @@ def test_verify_detects_tampering(synth_shards, tmp_path):
 
 @pytest.fixture(scope="module")
 def slow_root(tmp_path_factory):
-    from chexdist.synth import make_synthetic_nih
+    from chexdist.data.synth import make_synthetic_nih
 
     root = tmp_path_factory.mktemp("slow-nih")
     make_synthetic_nih(root, images=120, size=384, seed=1)

@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from chexdist import cli
-from chexdist.images import load_gray8
-from chexdist.predict import predict_files
+from chexdist.cli import main as cli
+from chexdist.data.images import load_gray8
+from chexdist.evaluation.predict import predict_files
 from tests.conftest import REAL_CSV, REAL_IMAGES
 
 
@@ -37,9 +37,9 @@ def predictions(trained_run, real_images):
 def test_probabilities_match_evaluate_on_the_packed_images(trained_run, real_images, predictions, tmp_path):
     """The 70 real images packed at the run's size and scored by `chexdist evaluate` (its
     predictions.csv) get the probabilities predict gives for the original files."""
-    from chexdist.evaluate import evaluate_run, read_predictions
-    from chexdist.pack import PackSettings, pack_dataset
-    from chexdist.shardformat import load_manifest
+    from chexdist.evaluation.evaluate import evaluate_run, read_predictions
+    from chexdist.data.pack import PackSettings, pack_dataset
+    from chexdist.data.shardformat import load_manifest
 
     nih = tmp_path / "nih"
     (nih / "images").mkdir(parents=True)
@@ -102,7 +102,7 @@ def test_manifest_statistics_and_warnings_for_unlike_inputs(trained_run, eval_sh
     """Packing recorded the training split's statistics (checked here against the shard images);
     real 1024 px X-rays are flagged as unlike the 160 px synthetic training images, synthetic test
     images are not."""
-    from chexdist.shardformat import load_manifest
+    from chexdist.data.shardformat import load_manifest
 
     shards = eval_shards
     manifest = load_manifest(shards)
@@ -193,7 +193,7 @@ def test_bad_runs_give_one_line_and_exit_2(trained_run, real_images, tmp_path, c
 def test_imported_checkpoint_predicts_without_packing_information(trained_run, real_images, tmp_path, capsys):
     """An imported checkpoint has no shards info: files skip the pack resize (the eval Resize alone
     scales them), thresholds are 0.5, and a note says inputs are not checked against training data."""
-    from chexdist.models import import_checkpoint
+    from chexdist.models.factory import import_checkpoint
 
     imported = tmp_path / "imported"
     import_checkpoint(trained_run / "best.safetensors", "test_resnet", imported, image_size=128, eval_resize=144)
@@ -202,7 +202,7 @@ def test_imported_checkpoint_predicts_without_packing_information(trained_run, r
     assert "recorded no input statistics" in capsys.readouterr().err
     records = json.loads(out.read_text())["predictions"]
     assert [r["image"] for r in records] == [str(p) for p in real_images[:4]]
-    from chexdist.inference import load_run
+    from chexdist.evaluation.inference import load_run
 
     run = load_run(imported)
     with torch.no_grad():

@@ -57,7 +57,7 @@ def live_readers() -> list[int]:
 
 def read_epoch(root: Path, context: str | None, workers: int, signal_at: int = -1, then_die: bool = False) -> dict:
     """One epoch's batches as a checksum; at batch `signal_at` the stop signals go to the process group."""
-    from chexdist.data import build_train_loader
+    from chexdist.data.loader import build_train_loader
 
     loader, batches = build_train_loader(template(root), BATCH, EVAL, workers, 1, 0, seed=3, epoch=0, shuffle_buffer=4,
                                          multiprocessing_context=context)
@@ -83,7 +83,7 @@ def read_epoch(root: Path, context: str | None, workers: int, signal_at: int = -
 
 def main() -> None:
     """The signalled run (in its own session): python -c 'from tests.test_reader_signals import main; main()' ROOT CONTEXT WORKERS [die]."""
-    from chexdist.engine import StopFlag
+    from chexdist.training.engine import StopFlag
 
     root, context, workers = Path(sys.argv[1]), sys.argv[2] or None, int(sys.argv[3])
     with StopFlag() as stop:
@@ -173,7 +173,7 @@ def _state(pid: int) -> str:
 def test_a_worker_still_ends_on_sigterm_from_its_training_process(shards):
     """The DataLoader's last resort at shutdown is SIGTERM to a worker (multiprocessing's terminate):
     that one still ends it, while a SIGTERM from anyone else does not."""
-    from chexdist.data import build_train_loader
+    from chexdist.data.loader import build_train_loader
 
     loader, _ = build_train_loader(template(shards), BATCH, EVAL, 2, 1, 0, seed=3, epoch=0, shuffle_buffer=4)
     batches = iter(loader)

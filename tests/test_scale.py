@@ -115,8 +115,8 @@ def test_lr_scaling_against_the_reference_batch():
 
 
 def test_defaults_and_names_have_one_home():
-    from chexdist import nih, synth
-    from chexdist.transforms import build_transform
+    from chexdist.data import nih, synth
+    from chexdist.data.transforms import build_transform
 
     defaults = inspect.signature(build_transform).parameters
     aug = AugConfig()
@@ -140,7 +140,7 @@ PRECISION_PROBE = """
 import contextlib, io, json, os, sys
 from accelerate.state import AcceleratorState
 from chexdist.config import load_config
-from chexdist.engine import _make_accelerator
+from chexdist.training.engine import _make_accelerator
 for precision, launcher, _, _ in json.loads(sys.argv[1]):
     os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
     if launcher:
@@ -168,7 +168,7 @@ def test_unsupported_distributed_type_is_refused(train_shards, tmp_path):
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from chexdist.config import load_config
-from chexdist.engine import fit
+from chexdist.training.engine import fit
 from chexdist.errors import ChexdistError
 acc = Accelerator(mixed_precision="no")
 acc.state.distributed_type = DistributedType.FSDP

@@ -147,7 +147,7 @@ def test_preempted_in_validation_then_in_training_requeues_resumes_and_finishes_
     pipe: source holds the first val read for 6 s (flag `validating`), and, once the test arms it
     after the restart, the first train read (flag `training`), so each signal lands where intended.
     SLURM delivers a step's signal to every process of the step, the shard reader and the DataLoader
-    workers included: they must not act on it (chexdist.stopsignals), so no sample is skipped."""
+    workers included: they must not act on it (chexdist.utils.stopsignals), so no sample is skipped."""
     out = tmp_path / "run"
     script = tmp_path / "slow-read.sh"
     script.write_text(

@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chexdist.cli import main
+from chexdist.cli.main import main
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS
-from chexdist.nih import find_data_entry, read_data_entry
-from chexdist.pack import PackSettings, pack_dataset
-from chexdist.shardformat import iter_tar
+from chexdist.data.nih import find_data_entry, read_data_entry
+from chexdist.data.pack import PackSettings, pack_dataset
+from chexdist.data.shardformat import iter_tar
 
 
 def write_lists(root: Path, out: Path, flip: int = 0, patient_split=None, with_labels=True) -> tuple[dict, pd.DataFrame]:

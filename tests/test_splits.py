@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chexdist import nih, splits
+from chexdist.data import nih, splits
 from chexdist.errors import ChexdistError
 from tests.conftest import REAL_CSV
 

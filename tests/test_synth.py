@@ -12,7 +12,7 @@ from PIL import Image
 
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS, NO_FINDING, canonical_name, parse_findings
-from chexdist.synth import (
+from chexdist.data.synth import (
     BBOX_FINDINGS,
     MOTIFS,
     Placement,

@@ -59,7 +59,7 @@ def test_two_process_ddp_through_accelerate_launch(train_shards, tmp_path):
     assert (out / "best.safetensors").is_file() and (out / "config.yaml").is_file()
     assert len(list((out / "checkpoints").iterdir())) == 3  # keep_checkpoints
 
-    from chexdist.models import load_best
+    from chexdist.models.factory import load_best
 
     model, info = load_best(out)
     assert info["epoch"] == best["epoch"]
@@ -165,7 +165,7 @@ def test_python_api_report_callback_accumulation_and_clipping(train_shards, tmp_
     script = f"""
 import json
 from chexdist.config import load_config
-from chexdist.engine import fit
+from chexdist.training.engine import fit
 cfg = load_config("tiny", overrides=["data.shards={train_shards}", "train.epochs=2", "data.max_train_batches=5",
                                      "train.grad_accum=2", "train.grad_clip=1.0"])
 records = []

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import torch
 
-from chexdist.cli import main as cli_main
+from chexdist.cli.main import main as cli_main
 from chexdist.config import config_from_dict, load_config, load_yaml
 from chexdist.errors import ChexdistError
 from tests.conftest import REPO
@@ -47,8 +47,8 @@ def ray_tmp():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from chexdist.pack import PackSettings, pack_dataset
-    from chexdist.synth import make_synthetic_nih
+    from chexdist.data.pack import PackSettings, pack_dataset
+    from chexdist.data.synth import make_synthetic_nih
 
     root = tmp_path_factory.mktemp("tune-data")
     make_synthetic_nih(root / "nih", images=300, size=64, seed=0)
@@ -147,7 +147,7 @@ def test_trials_really_train_different_configs_with_conditional_keys(search):
 @pytest.mark.slow
 def test_best_recipe_loads_and_trains(search, tmp_path):
     from chexdist.config import apply_overrides
-    from chexdist.engine import fit
+    from chexdist.training.engine import fit
 
     exp, code, _ = search
     assert code == 0
@@ -298,7 +298,7 @@ def test_resume_restores_from_the_newer_checkpoint_when_ray_recorded_a_deleted_o
 
 def test_a_trial_stopped_before_its_first_result_keeps_its_parameters(tmp_path):
     """Ctrl-C while a trial starts: Ray has no result (so no config) for it, only the params.json it wrote."""
-    from chexdist.tuning import _started_params, load_space
+    from chexdist.tuning.tuner import _started_params, load_space
 
     space = load_space(TINY_SPACE, load_config("tiny"))
     trial = tmp_path / "run_trial_abcde_00003_3"
@@ -311,7 +311,7 @@ def test_a_trial_stopped_before_its_first_result_keeps_its_parameters(tmp_path):
 
 
 def test_replacement_is_the_oldest_newer_checkpoint():
-    from chexdist.tunerestore import replacement_for
+    from chexdist.tuning.restore import replacement_for
 
     siblings = ["checkpoint_000004", "checkpoint_000003", "checkpoint_000001", "run", "checkpoint_000003.restoring"]
     assert replacement_for("/exp/trial/checkpoint_000002", siblings) == "checkpoint_000003"
@@ -364,7 +364,7 @@ def test_local_paths_become_absolute_for_trials(shards, tmp_path, monkeypatch):
     """Ray runs trials in their own working folders, so a relative --shards must not reach them."""
     import argparse
 
-    from chexdist.tuning import add_tune_arguments, plan_search
+    from chexdist.tuning.tuner import add_tune_arguments, plan_search
 
     monkeypatch.chdir(shards.parent)
     parser = argparse.ArgumentParser()
@@ -374,7 +374,7 @@ def test_local_paths_become_absolute_for_trials(shards, tmp_path, monkeypatch):
 
 
 def test_shards_not_visible_on_a_node_is_one_line_naming_the_path(tmp_path):
-    from chexdist.tuning import check_shards_visible
+    from chexdist.tuning.tuner import check_shards_visible
 
     with pytest.raises(ChexdistError) as err:
         check_shards_visible(str(tmp_path / "elsewhere"))
@@ -389,7 +389,7 @@ def test_fit_restores_process_wide_state(shards, tmp_path):
     import numpy as np
 
     from chexdist.config import apply_overrides
-    from chexdist.engine import fit
+    from chexdist.training.engine import fit
 
     base = apply_overrides(load_config("tiny", overrides=[f"data.shards={shards}", *FIXED]),
                            {"train.epochs": 1, "data.max_train_batches": 2})

@@ -23,13 +23,13 @@ import pandas as pd
 
 from chexdist import __version__
 from chexdist.errors import ChexdistError
-from chexdist.fileio import atomic_write_json, atomic_write_jsonl, dumps_json, sha256_file
-from chexdist.images import ImageDecodeError, decode_gray8, encode, load_gray8, resize_shorter
+from chexdist.utils.fileio import atomic_write_json, atomic_write_jsonl, dumps_json, sha256_file
+from chexdist.data.images import ImageDecodeError, decode_gray8, encode, load_gray8, resize_shorter
 from chexdist.labels import LABELS
-from chexdist.nih import NihRelease, load_release, missing_by_folder
-from chexdist.progress import interactive
-from chexdist.shardformat import FORMAT_VERSION, MANIFEST, iter_tar, load_manifest, sample_offsets
-from chexdist.splits import METHODS, SPLITS, assign_split, check_no_leakage, describe_lists, read_split_list
+from chexdist.data.nih import NihRelease, load_release, missing_by_folder
+from chexdist.utils.progress import interactive
+from chexdist.data.shardformat import FORMAT_VERSION, MANIFEST, iter_tar, load_manifest, sample_offsets
+from chexdist.data.splits import METHODS, SPLITS, assign_split, check_no_leakage, describe_lists, read_split_list
 
 FORMATS = ("png", "jpg")
 ERRORS = "errors.jsonl"

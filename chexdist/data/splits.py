@@ -159,7 +159,7 @@ def list_label_disagreements(table: pd.DataFrame, list_labels: Mapping[str, Sequ
 def describe_lists(table: pd.DataFrame, files: Mapping[str, str | os.PathLike]) -> dict:
     """What a --split lists pack records in its manifest: each list's file name, sha256 and length,
     CSV rows in no list, and the rows whose list labels disagree with the CSV (the CSV's are packed)."""
-    from chexdist.fileio import sha256_file
+    from chexdist.utils.fileio import sha256_file
 
     read = {name: read_split_list(files[name]) for name in SPLITS}
     split = lists_split(table, {name: names for name, (names, _) in read.items()})

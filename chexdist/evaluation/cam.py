@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from chexdist.errors import ChexdistError
-from chexdist.fileio import atomic_write_bytes
-from chexdist.inputs import Failure, InputPipeline, Prepared, expand_inputs, iter_prepared
+from chexdist.utils.fileio import atomic_write_bytes
+from chexdist.evaluation.inputs import Failure, InputPipeline, Prepared, expand_inputs, iter_prepared
 from chexdist.labels import LABELS
-from chexdist.metrics import bootstrap_mean_ci
-from chexdist.models import gradcam_target_layer
-from chexdist.synth import BBOX_FINDINGS
+from chexdist.evaluation.metrics import bootstrap_mean_ci
+from chexdist.models.factory import gradcam_target_layer
+from chexdist.data.synth import BBOX_FINDINGS
 
 NIH_BOX_FRAME = 1024  # BBox_List_2017 coordinates are pixels of the released 1024x1024 PNGs
 IOU_LEVELS = (0.1, 0.25, 0.5)
@@ -230,7 +230,7 @@ def _summary(rows: list[dict], n_boot: int, seed: int, level: float) -> dict[str
 def _load_boxes(boxes: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
     if isinstance(boxes, pd.DataFrame):
         return boxes
-    from chexdist.nih import read_bbox_list
+    from chexdist.data.nih import read_bbox_list
 
     return read_bbox_list(boxes)
 
@@ -260,7 +260,7 @@ def localize(
     0.25, 0.5. With `out_dir`, one overlay per box (box green, map box white). JSON-able result.
     `n_boot` and `level` default to the run's `eval.bootstrap` and `eval.ci_level`, as in evaluate.
     """
-    from chexdist.inference import LoadedRun, load_run
+    from chexdist.evaluation.inference import LoadedRun, load_run
 
     if not 0.0 < cam_threshold < 1.0:
         raise ChexdistError(f"cam threshold {cam_threshold} must be in (0, 1)")
@@ -362,7 +362,7 @@ def write_localization(report: dict[str, Any], out_dir: str | os.PathLike) -> Pa
     per box; coordinates in input pixels, space-separated). Returns the JSON's path."""
     import csv
 
-    from chexdist.fileio import atomic_write_json, atomic_write_text
+    from chexdist.utils.fileio import atomic_write_json, atomic_write_text
 
     out = Path(out_dir)
     buf = io.StringIO()

@@ -24,10 +24,10 @@ import numpy as np
 
 from chexdist import __version__
 from chexdist.errors import ChexdistError
-from chexdist.fileio import atomic_write_bytes, atomic_write_text
-from chexdist.inference import load_run, predict_split
+from chexdist.utils.fileio import atomic_write_bytes, atomic_write_text
+from chexdist.evaluation.inference import load_run, predict_split
 from chexdist.labels import LABELS
-from chexdist.metrics import (
+from chexdist.evaluation.metrics import (
     bootstrap_ci,
     curve_points,
     delong_test,
@@ -37,7 +37,7 @@ from chexdist.metrics import (
     threshold_array,
     tune_thresholds,
 )
-from chexdist.shardformat import load_manifest, split_shards
+from chexdist.data.shardformat import load_manifest, split_shards
 
 METRICS = ("auc", "ap", "f1", "precision", "recall", "specificity")
 METRIC_NAMES = {"auc": "AUROC", "ap": "AP", "f1": "F1", "precision": "precision", "recall": "recall",

@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlsplit
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from chexdist.data import (
+from chexdist.data.loader import (
     _collate,
     _seed_words,
     _seeded,
@@ -37,12 +37,12 @@ from chexdist.data import (
     parse_labels,
 )
 from chexdist.errors import ChexdistError
-from chexdist.fileio import dumps_json
+from chexdist.utils.fileio import dumps_json
 from chexdist.labels import NUM_LABELS
-from chexdist.nih import DATA_ENTRY_COLUMNS as _CSV_HEADER
-from chexdist.nih import IMAGE_SUFFIXES
-from chexdist.shardformat import IMAGE_KEYS, iter_tar, load_manifest, shard_urls
-from chexdist.transforms import build_transform, split_normalization
+from chexdist.data.nih import DATA_ENTRY_COLUMNS as _CSV_HEADER
+from chexdist.data.nih import IMAGE_SUFFIXES
+from chexdist.data.shardformat import IMAGE_KEYS, iter_tar, load_manifest, shard_urls
+from chexdist.data.transforms import build_transform, split_normalization
 
 # ---------------------------------------------------------------- loader suite
 
@@ -327,7 +327,7 @@ def loader_suite(
     *_img_s is wall-clock throughput; *_cpu_ms is CPU time per image of the process and its workers,
     which a busy machine does not distort (cpu_ratio = per-core speed-up).
     """
-    from chexdist.pack import PackSettings, pack_dataset
+    from chexdist.data.pack import PackSettings, pack_dataset
 
     if count < 1 or workers < 0 or batch_size < 1 or repeats < 1:
         raise ChexdistError("--count, --batch-size and --repeats must be >= 1 and --workers >= 0")
@@ -423,7 +423,7 @@ def pack_suite(images: str, count: int = 64, workers: int = 2, size: int = 512, 
     parent's part of it: the serial share that caps scaling. On a busy machine the CPU times hold
     where the wall-clock ratio does not; load_avg (1 min, at the end) says how busy it was.
     """
-    from chexdist.pack import PackSettings, pack_dataset
+    from chexdist.data.pack import PackSettings, pack_dataset
 
     if count < 1 or workers < 1 or repeats < 1:
         raise ChexdistError("--count, --workers and --repeats must be >= 1")
@@ -464,7 +464,7 @@ def pack_suite(images: str, count: int = 64, workers: int = 2, size: int = 512, 
 
 
 def _pack_real(images: str | os.PathLike, count: int, root: Path, settings) -> Path:
-    from chexdist.pack import pack_dataset
+    from chexdist.data.pack import pack_dataset
 
     make_nih_root(find_images(images), count, root / "nih")
     pack_dataset(root / "nih", root / "shards", settings, workers=2, progress=False)
@@ -481,7 +481,7 @@ def resume_suite(images: str | os.PathLike, count: int = 512, workers: int = 2, 
     same batch (checked). Train augmentation ("dannynet", 224 px) on `count` real images packed at
     `size` px. Best of `repeats`; CPU time is that of the process and its workers.
     """
-    from chexdist.pack import PackSettings
+    from chexdist.data.pack import PackSettings
 
     transform = build_transform("dannynet", image_size=224, train=True)
     with tempfile.TemporaryDirectory(prefix="chexdist-bench-resume-") as tmp:
@@ -623,8 +623,8 @@ def reads_suite(ranks: int = 8, workers: int = 8, shards: int = 80, count: int =
     for their byte range with HTTP Range requests. read_ratio = bytes read / bytes of the train shards
     (1.0 = each byte once); for "http", sent_ratio = body bytes the server sent / the same.
     """
-    from chexdist.pack import PackSettings, pack_dataset
-    from chexdist.synth import make_synthetic_nih
+    from chexdist.data.pack import PackSettings, pack_dataset
+    from chexdist.data.synth import make_synthetic_nih
 
     transform = build_transform("none", image_size=8, eval_resize=8, train=False)
     with tempfile.TemporaryDirectory(prefix="chexdist-bench-reads-") as tmp:
@@ -672,10 +672,10 @@ def train_suite(model: str = "resnet18", image_size: int = 128, batch_size: int 
     from accelerate import Accelerator
 
     from chexdist.config import load_config
-    from chexdist.engine import Checkpointer, StopFlag, TrainState, train_epoch
-    from chexdist.losses import build_loss
-    from chexdist.models import create_model
-    from chexdist.optim import build_optimizer
+    from chexdist.training.engine import Checkpointer, StopFlag, TrainState, train_epoch
+    from chexdist.training.losses import build_loss
+    from chexdist.models.factory import create_model
+    from chexdist.training.optim import build_optimizer
 
     accelerator = Accelerator(mixed_precision=precision)
     device = accelerator.device
@@ -753,7 +753,7 @@ def _sync(device: torch.device) -> None:
 
 
 def tune_suite(**options: Any) -> Iterator[dict[str, Any]]:
-    from chexdist.tuning import (
+    from chexdist.tuning.tuner import (
         tune_suite as suite,  # Ray is imported only when this suite runs
     )
 

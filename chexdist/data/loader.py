@@ -21,7 +21,7 @@ ends at the reader's last sample (a server that ignores Range answers 200: that 
 prefix and discards it, counted in bytes read, with one warning per host and process), and a
 ``pipe:`` template holding ``{offset}`` by streaming from that byte
 (``pipe:gsutil cat -r {offset}- gs://B/nih/{name}``). Other ``pipe:`` commands read from the
-shard's start (see :func:`chexdist.shardformat.iter_tar`).
+shard's start (see :func:`chexdist.data.shardformat.iter_tar`).
 
 Sample positions, not whole shards, are divided among ranks and workers, planned here from the
 manifest counts: webdataset's split_by_node / split_by_worker split by shard, so they cannot give
@@ -55,7 +55,7 @@ from webdataset.filters import shuffle
 
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS, NUM_LABELS
-from chexdist.shardformat import (
+from chexdist.data.shardformat import (
     IMAGE_KEYS,
     describe_stream_error,
     iter_tar,
@@ -65,8 +65,8 @@ from chexdist.shardformat import (
     sample_offsets,
     split_shards,
 )
-from chexdist.stopsignals import blocked, serve_through_stop_signals
-from chexdist.transforms import GrayToNormalizedRGB, split_normalization
+from chexdist.utils.stopsignals import blocked, serve_through_stop_signals
+from chexdist.data.transforms import GrayToNormalizedRGB, split_normalization
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def decode_gray(data: bytes) -> torch.Tensor:
                 return image
         except RuntimeError:
             pass
-    from chexdist.images import decode_gray8
+    from chexdist.data.images import decode_gray8
 
     return torch.from_numpy(decode_gray8(data)).unsqueeze(0)
 
@@ -551,7 +551,7 @@ class ShardLoader:
 
 def _start_workers(loader: DataLoader) -> Iterator[Any]:
     """iter(loader), its workers (and multiprocessing's forkserver) started with the stop signals blocked
-    until `_worker_init` takes them over (see `chexdist.stopsignals`). multiprocessing's resource tracker
+    until `_worker_init` takes them over (see `chexdist.utils.stopsignals`). multiprocessing's resource tracker
     (spawn, forkserver) is started first, in a block of its own: once started, it unblocks SIGINT and
     SIGTERM in the thread that started it."""
     context = loader.multiprocessing_context or multiprocessing

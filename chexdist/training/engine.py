@@ -31,19 +31,19 @@ import torch
 
 from chexdist import __version__
 from chexdist.config import BatchPlan, Config, config_from_dict, config_to_dict, eval_crop_warning, load_yaml, resolve_batch, save_config
-from chexdist.data import build_train_loader
+from chexdist.data.loader import build_train_loader
 from chexdist.errors import EXIT_INTERRUPTED, EXIT_REQUEUE, ChexdistError
-from chexdist.fileio import append_jsonl, atomic_write_json, atomic_write_jsonl
-from chexdist.inference import eval_transform, predict_split, split_loader
+from chexdist.utils.fileio import append_jsonl, atomic_write_json, atomic_write_jsonl
+from chexdist.evaluation.inference import eval_transform, predict_split, split_loader
 from chexdist.labels import LABELS
-from chexdist.losses import build_loss, pos_weight_from_counts
-from chexdist.metrics import per_class_metrics, tune_thresholds
-from chexdist.models import create_model, model_normalization, save_weights
-from chexdist.optim import build_optimizer, build_scheduler, step_scheduler
-from chexdist.progress import EpochProgress
-from chexdist.shardformat import load_manifest, split_shards
-from chexdist.stopsignals import STOP_SIGNALS
-from chexdist.transforms import build_transform
+from chexdist.training.losses import build_loss, pos_weight_from_counts
+from chexdist.evaluation.metrics import per_class_metrics, tune_thresholds
+from chexdist.models.factory import create_model, model_normalization, save_weights
+from chexdist.training.optim import build_optimizer, build_scheduler, step_scheduler
+from chexdist.utils.progress import EpochProgress
+from chexdist.data.shardformat import load_manifest, split_shards
+from chexdist.utils.stopsignals import STOP_SIGNALS
+from chexdist.data.transforms import build_transform
 
 log = logging.getLogger("chexdist")
 
@@ -134,7 +134,7 @@ class StopFlag:
     at the next safe point. After a SIGINT, SIGINT gets its default action again, so a second Ctrl-C
     ends the process at once (a checkpoint is written under a temp name, so none is left half-done).
     Shard readers and DataLoader workers receive these signals too and ignore them: the loop's rank
-    acts (`chexdist.stopsignals`)."""
+    acts (`chexdist.utils.stopsignals`)."""
 
     SIGNALS = STOP_SIGNALS
 
@@ -149,7 +149,7 @@ class StopFlag:
         return self.signum != 0
 
     def __enter__(self) -> StopFlag:
-        from chexdist.launcher import held_stop_signals
+        from chexdist.training.launcher import held_stop_signals
 
         if _in_main_thread():
             for sig in self.SIGNALS:

@@ -21,10 +21,10 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from chexdist.errors import ChexdistError
-from chexdist.images import encode, load_gray8, resize_shorter
-from chexdist.nih import IMAGE_SUFFIXES
-from chexdist.pack import image_statistics
-from chexdist.transforms import split_normalization
+from chexdist.data.images import encode, load_gray8, resize_shorter
+from chexdist.data.nih import IMAGE_SUFFIXES
+from chexdist.data.pack import image_statistics
+from chexdist.data.transforms import split_normalization
 
 # A colour file whose channels differ by more than this (mean absolute gray levels) holds real colour.
 COLOUR_TOLERANCE = 2.0
@@ -118,7 +118,7 @@ class InputPipeline:
         original = load_gray8(path)
         image = resize_shorter(original, self.size) if self.size else original
         if self.format == "jpg":
-            from chexdist.data import decode_gray
+            from chexdist.data.loader import decode_gray
 
             image = decode_gray(encode(image, "jpg", self.quality)).numpy()[0]
         return image, original.shape

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from chexdist.errors import ChexdistError
-from chexdist.fileio import atomic_write_text
-from chexdist.inputs import Failure, InputPipeline, expand_inputs, iter_prepared
+from chexdist.utils.fileio import atomic_write_text
+from chexdist.evaluation.inputs import Failure, InputPipeline, expand_inputs, iter_prepared
 from chexdist.labels import canonical_name
-from chexdist.metrics import threshold_array
+from chexdist.evaluation.metrics import threshold_array
 
 FORMATS = ("json", "csv")
 
@@ -51,7 +51,7 @@ def predict_files(
     Grad-CAM finding instead of the positive ones. The progress bar shows for folders on a terminal."""
     from tqdm.auto import tqdm
 
-    from chexdist.inference import LoadedRun, load_run
+    from chexdist.evaluation.inference import LoadedRun, load_run
 
     loaded = run if isinstance(run, LoadedRun) else load_run(run)
     labels = list(loaded.info["labels"])
@@ -65,7 +65,7 @@ def predict_files(
     model = loaded.model.to(device).eval()
     explainer = None
     if cam_dir is not None:
-        from chexdist.cam import GradCam, check_unique_names, write_overlays
+        from chexdist.evaluation.cam import GradCam, check_unique_names, write_overlays
 
         check_unique_names(files)
         explainer = GradCam(model)

@@ -1,4 +1,4 @@
-"""Ray Tune hyperparameter search: every trial runs `chexdist.engine.fit`, the one training loop.
+"""Ray Tune hyperparameter search: every trial runs `chexdist.training.engine.fit`, the one training loop.
 
 Pieces, in order of use: the search-space YAML (`load_space`, checked against the config before Ray
 starts), the trial (`run_trial`: one process, or a Ray Train `TorchTrainer` DDP job per trial with
@@ -40,13 +40,13 @@ from chexdist.config import (
     load_yaml,
 )
 from chexdist.errors import ChexdistError
-from chexdist.fileio import append_jsonl, atomic_write_text, dumps_json
+from chexdist.utils.fileio import append_jsonl, atomic_write_text, dumps_json
 
 log = logging.getLogger("chexdist")
 
 METRIC = "val_auc_mean"
 # tune/spaces/ of a checkout, then where `pip install` puts them (pyproject data-files)
-SPACES_DIRS = (Path(__file__).resolve().parents[1] / "tune" / "spaces", Path(sys.prefix) / "share" / "chexdist" / "tune" / "spaces")
+SPACES_DIRS = (Path(__file__).resolve().parents[2] / "tune" / "spaces", Path(sys.prefix) / "share" / "chexdist" / "tune" / "spaces")
 RUN_DIR = "run"  # the trial's chexdist run folder, inside its trial folder
 HISTORY_FILE = "epochs.jsonl"  # in the trial folder: every epoch the trial reported (our record, not Ray's)
 STATE_FILE = "tune_state.json"  # in a trial checkpoint: the trial's parameters and epoch offset
@@ -260,7 +260,7 @@ def _nan_to_none(value: Any) -> Any:
 def _staged_checkpoint(run: Path, state: dict[str, Any]) -> Iterator[Path]:
     """A folder with what a trial needs to continue: config, metrics, best export and only the newest
     engine checkpoint (hard links where possible, so staging costs no copy). Ray copies it to storage."""
-    from chexdist.engine import list_checkpoints
+    from chexdist.training.engine import list_checkpoints
 
     stage = Path(tempfile.mkdtemp(prefix=".ray-ckpt-", dir=run.parent))
     try:
@@ -289,7 +289,7 @@ def plan_restore(checkpoint_dir: Path, run: Path, config: Config, overrides: dic
     better trial and mutated lr/augmentation: the engine refuses changed settings on resume (and its
     optimizer state would undo a new lr), so the trial starts a new run from the donor's weights for
     the epochs left. Pure: every rank of a multi-process trial computes the same answer."""
-    from chexdist.engine import list_checkpoints
+    from chexdist.training.engine import list_checkpoints
 
     state = json.loads((checkpoint_dir / STATE_FILE).read_text())
     if state["params"] == overrides:
@@ -305,7 +305,7 @@ def plan_restore(checkpoint_dir: Path, run: Path, config: Config, overrides: dic
 
 def materialize_restore(checkpoint_dir: Path, run: Path, config: Config, resume: bool) -> None:
     """Write the run folder `plan_restore` decided on (rank 0 only); Ray's checkpoint is the truth."""
-    from chexdist.engine import list_checkpoints
+    from chexdist.training.engine import list_checkpoints
 
     if run.exists():
         shutil.rmtree(run)
@@ -324,7 +324,7 @@ def _fit_trial(config: Config, overrides: dict[str, Any], run: Path, checkpoint,
     """Restore from `checkpoint` (if any), then run the engine, reporting every epoch to Ray."""
     from ray.tune import Checkpoint
 
-    from chexdist.engine import fit
+    from chexdist.training.engine import fit
 
     check_shards_visible(config.data.shards)
     resume, offset = False, 0
@@ -341,7 +341,7 @@ def _fit_trial(config: Config, overrides: dict[str, Any], run: Path, checkpoint,
     elif (found := _left_behind(run, config, overrides)) is not None:
         config, resume, offset = found
     elif is_main and run.exists():
-        from chexdist.engine import list_checkpoints
+        from chexdist.training.engine import list_checkpoints
 
         if list_checkpoints(run):  # not this trial's (other parameters): keep it aside, never delete a checkpoint
             run.rename(run.with_name(f"{run.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"))
@@ -369,7 +369,7 @@ def _fit_trial(config: Config, overrides: dict[str, Any], run: Path, checkpoint,
 def _left_behind(run: Path, config: Config, overrides: dict[str, Any]) -> tuple[Config, bool, int] | None:
     """A trial Ray restarts without a checkpoint (the search was killed before Ray recorded one) finds
     its own run folder: continue it exactly from the engine's checkpoint instead of redoing epochs."""
-    from chexdist.engine import list_checkpoints
+    from chexdist.training.engine import list_checkpoints
 
     if not (run / STATE_FILE).is_file() or not list_checkpoints(run):
         return None
@@ -513,7 +513,7 @@ def plan_search(args: argparse.Namespace) -> SearchPlan:
             raise ChexdistError(f"{flag} {value}: must be >= {low}")
     if args.address is None:
         check_shards_visible(config.data.shards)
-        from chexdist.shardformat import load_manifest
+        from chexdist.data.shardformat import load_manifest
 
         load_manifest(config.data.shards)
     if args.search == "optuna":
@@ -621,7 +621,7 @@ def build_tuner(args: argparse.Namespace, plan: SearchPlan):
     """The Tuner of a planned search (Ray must be running), or the restored one with --resume."""
     from ray import tune
 
-    from chexdist.tunerestore import RestoreFromNextCheckpoint
+    from chexdist.tuning.restore import RestoreFromNextCheckpoint
 
     setup = TrialSetup(config_to_dict(plan.config), plan.space, plan.experiment_dir, args.workers_per_trial,
                        args.cpus_per_trial, plan.gpus, args.max_failures)
@@ -853,7 +853,7 @@ def _save_png(fig, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python tune/search.py ...`: the same as `chexdist tune ...`."""
-    from chexdist.cli import main as cli_main
+    from chexdist.cli.main import main as cli_main
 
     return cli_main(["tune", *(sys.argv[1:] if argv is None else argv)])
 
@@ -871,8 +871,8 @@ def tune_suite(shards: str | None = None, epochs: int = 2, max_batches: int = 20
 
     import ray
 
-    from chexdist.cli import launch_command
-    from chexdist.engine import fit
+    from chexdist.cli.main import launch_command
+    from chexdist.training.engine import fit
 
     with tempfile.TemporaryDirectory(prefix="chexdist-bench-tune-") as tmp, contextlib.redirect_stdout(sys.stderr):
         root = Path(tmp)
@@ -919,8 +919,8 @@ def tune_suite(shards: str | None = None, epochs: int = 2, max_batches: int = 20
 
 
 def _bench_shards(root: Path) -> str:
-    from chexdist.pack import PackSettings, pack_dataset
-    from chexdist.synth import make_synthetic_nih
+    from chexdist.data.pack import PackSettings, pack_dataset
+    from chexdist.data.synth import make_synthetic_nih
 
     make_synthetic_nih(root / "nih", images=600, size=96, seed=0)
     pack_dataset(root / "nih", root / "shards", PackSettings(split="official", size=72, shard_size=128), workers=1, progress=False)

@@ -32,10 +32,10 @@ import numpy as np
 from PIL import Image
 
 from chexdist.errors import ChexdistError
-from chexdist.fileio import atomic_write_text
-from chexdist.images import encode
+from chexdist.utils.fileio import atomic_write_text
+from chexdist.data.images import encode
 from chexdist.labels import LABELS, NO_FINDING, NUM_LABELS
-from chexdist.nih import DATA_ENTRY_COLUMNS, TEST_LIST, TRAIN_VAL_LIST
+from chexdist.data.nih import DATA_ENTRY_COLUMNS, TEST_LIST, TRAIN_VAL_LIST
 
 DATA_ENTRY = "Data_Entry_2017.csv"
 BBOX_LIST = "BBox_List_2017.csv"

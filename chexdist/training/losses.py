@@ -137,7 +137,7 @@ def build_loss(
         if pos_weight is None:
             raise ChexdistError(
                 "loss.name=wbce needs per-class pos_weight; compute it with "
-                "chexdist.losses.pos_weight_from_counts(manifest positives, train count)"
+                "chexdist.training.losses.pos_weight_from_counts(manifest positives, train count)"
             )
         weight = torch.as_tensor(pos_weight, dtype=torch.float32).flatten()
         if not bool(torch.isfinite(weight).all()) or bool((weight <= 0).any()):

@@ -21,7 +21,7 @@ from torch import nn
 
 from chexdist.config import config_from_dict
 from chexdist.errors import ChexdistError
-from chexdist.fileio import atomic_write_bytes
+from chexdist.utils.fileio import atomic_write_bytes
 from chexdist.labels import LABELS, NUM_LABELS, check_labels
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def model_normalization(model: nn.Module | str) -> dict[str, list[float]]:
     import timm
     import timm.data
 
-    from chexdist.transforms import NORMALIZATION
+    from chexdist.data.transforms import NORMALIZATION
 
     if isinstance(model, str):
         if model == TORCHVISION_DENSENET:
@@ -492,8 +492,8 @@ def import_checkpoint(src: str | os.PathLike, arch: str, out: str | os.PathLike,
     Refuses to overwrite an existing export."""
     from chexdist import __version__
     from chexdist.config import config_to_dict, load_config
-    from chexdist.fileio import atomic_write_json, sha256_file
-    from chexdist.transforms import NORMALIZATION
+    from chexdist.utils.fileio import atomic_write_json, sha256_file
+    from chexdist.data.transforms import NORMALIZATION
 
     out = Path(out)
     if (out / "best.safetensors").exists() or (out / "best.json").exists():

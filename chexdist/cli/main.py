@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from chexdist import __version__
 from chexdist.errors import EXIT_INTERRUPTED, ChexdistError
-from chexdist.launcher import process_group_released
+from chexdist.training.launcher import process_group_released
 
 DESCRIPTION = (
     "chexdist trains and evaluates multi-label chest X-ray classifiers (the 14 NIH ChestX-ray14 findings): "
@@ -27,7 +27,7 @@ def _default_workers() -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from chexdist.synth import make_synthetic_nih
+    from chexdist.data.synth import make_synthetic_nih
 
     summary = make_synthetic_nih(args.out, images=args.images, size=args.size, seed=args.seed)
     print(f"wrote {summary['images']} images of {summary['patients']} patients to {args.out}")
@@ -35,7 +35,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from chexdist.pack import PackSettings, merge_tasks, pack_dataset, pack_task, unscorable_splits
+    from chexdist.data.pack import PackSettings, merge_tasks, pack_dataset, pack_task, unscorable_splits
 
     settings = PackSettings(
         split=args.split,
@@ -101,7 +101,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_verify(args: argparse.Namespace) -> int:
-    from chexdist.pack import verify_shards
+    from chexdist.data.pack import verify_shards
 
     report = verify_shards(args.path, workers=args.workers)
     for problem in report["problems"]:
@@ -112,8 +112,8 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_info(args: argparse.Namespace) -> int:
-    from chexdist.pack import format_info
-    from chexdist.shardformat import load_manifest
+    from chexdist.data.pack import format_info
+    from chexdist.data.shardformat import load_manifest
 
     manifest = load_manifest(args.path)
     print(json.dumps(manifest, indent=2) if args.json else format_info(manifest))
@@ -135,16 +135,16 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
 
 
 def run_training(args: argparse.Namespace) -> int:
-    """Train here (1 process) or in N local worker processes (`chexdist.launcher`), after the same
+    """Train here (1 process) or in N local worker processes (`chexdist.training.launcher`), after the same
     `preflight` that `fit` runs, so bad input is refused once, before any worker starts."""
     if args.nproc < 1:
         raise ChexdistError(f"--nproc must be >= 1, got {args.nproc}")
-    from chexdist.launcher import hold_stop_signals, run_workers
+    from chexdist.training.launcher import hold_stop_signals, run_workers
 
     with hold_stop_signals():  # a stop signal during the imports and checks still ends in a checkpoint
         import torch
 
-        from chexdist.engine import preflight
+        from chexdist.training.engine import preflight
         from chexdist.train import resolve_config, training_function
 
         config = resolve_config(args)
@@ -167,8 +167,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from chexdist.pack import PackSettings, pack_dataset
-    from chexdist.synth import make_synthetic_nih
+    from chexdist.data.pack import PackSettings, pack_dataset
+    from chexdist.data.synth import make_synthetic_nih
     from chexdist.train import add_train_arguments
 
     out = Path(args.out)
@@ -228,7 +228,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from chexdist.bench import run_suite
+    from chexdist.bench.loader import run_suite
 
     if args.suite == "loader":
         options = dict(images=args.images, count=args.count or 1024, workers=args.workers, batch_size=args.batch_size or 32,
@@ -269,7 +269,7 @@ def _warn_inputs(result) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from chexdist.predict import predict_files, write_records
+    from chexdist.evaluation.predict import predict_files, write_records
 
     result = predict_files(args.run, args.inputs, batch_size=args.batch_size, cam_dir=args.cam, cam_finding=args.finding,
                            progress=not args.quiet)
@@ -282,14 +282,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_cam(args: argparse.Namespace) -> int:
     if args.localize:
-        from chexdist.cam import format_localization, localize, write_localization
+        from chexdist.evaluation.cam import format_localization, localize, write_localization
 
         report = localize(args.run, args.inputs, args.localize, cam_threshold=args.cam_threshold, box_frame=args.box_frame,
                           n_boot=args.bootstrap, batch_size=args.batch_size, out_dir=args.out, progress=not args.quiet)
         print(format_localization(report))
         print(f"report: {write_localization(report, args.out)}")
         return _report_failures(report["failures"])
-    from chexdist.predict import predict_files
+    from chexdist.evaluation.predict import predict_files
 
     result = predict_files(args.run, args.inputs, batch_size=args.batch_size, cam_dir=args.out, cam_finding=args.finding,
                            progress=not args.quiet)
@@ -304,7 +304,7 @@ def cmd_cam(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from chexdist.evaluate import compare_runs, evaluate_run
+    from chexdist.evaluation.evaluate import compare_runs, evaluate_run
 
     if args.compare:
         if args.run or args.checkpoint != "best":
@@ -341,8 +341,8 @@ def _localize_split(args: argparse.Namespace, result: dict) -> int:
     """Grad-CAM box scores on the evaluated split's own images (found under --images by file stem)."""
     import csv
 
-    from chexdist.cam import format_localization, localize, write_localization
-    from chexdist.inputs import expand_inputs
+    from chexdist.evaluation.cam import format_localization, localize, write_localization
+    from chexdist.evaluation.inputs import expand_inputs
 
     if not args.images:
         raise ChexdistError("--localize needs --images DIR (the image files of the evaluated split, e.g. the NIH root)")
@@ -362,7 +362,7 @@ def _localize_split(args: argparse.Namespace, result: dict) -> int:
 
 
 def cmd_import_checkpoint(args: argparse.Namespace) -> int:
-    from chexdist.models import import_checkpoint
+    from chexdist.models.factory import import_checkpoint
 
     info = import_checkpoint(args.src, args.arch, args.out, image_size=args.image_size, eval_resize=args.eval_resize)
     source = info["imported_from"]
@@ -372,7 +372,7 @@ def cmd_import_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from chexdist.tuning import run_search
+    from chexdist.tuning.tuner import run_search
 
     return run_search(args)
 
@@ -469,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=2, help="tune: epochs per run (--steps caps batches per epoch)")
     p.set_defaults(func=cmd_bench)
 
-    from chexdist.tuning import add_tune_arguments
+    from chexdist.tuning.tuner import add_tune_arguments
 
     p = sub.add_parser("tune", help="Ray Tune search over loss, optimizer, augmentation (each trial runs the engine)")
     add_tune_arguments(p)

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from chexdist.stopsignals import STOP_SIGNALS
+from chexdist.utils.stopsignals import STOP_SIGNALS
 
 FORWARDED = STOP_SIGNALS
 GRACE_S = 30.0  # once a worker has failed, how long the others get to exit before they are killed

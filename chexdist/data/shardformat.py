@@ -49,11 +49,11 @@ def at_offset(url: str, start: int = 0) -> str:
 def _open(url: str):
     """A gopen stream whose process, if any (a pipe: command, curl), ignores the stop signals: they
     reach it too (SLURM signals the whole step, Ctrl-C the foreground group), and it must serve the
-    training process up to its checkpoint, then end by SIGPIPE/EOF (see `chexdist.stopsignals`)."""
+    training process up to its checkpoint, then end by SIGPIPE/EOF (see `chexdist.utils.stopsignals`)."""
     from webdataset import utils
     from webdataset.gopen import Pipe, gopen
 
-    from chexdist.stopsignals import blocked, ignoring_shell
+    from chexdist.utils.stopsignals import blocked, ignoring_shell
 
     url = at_offset(url)
     with blocked():

@@ -1,0 +1,1 @@
+"""`chexdist bench NAME` suites: one module per suite, plus CPU timing and fixtures."""

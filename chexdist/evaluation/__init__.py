@@ -1,0 +1,1 @@
+"""Evaluation: metrics, inference, inputs, evaluate, predict, Grad-CAM."""

@@ -1,0 +1,1 @@
+"""Models: architecture facts, the factory (timm + torchvision DenseNet-121), weights I/O."""

@@ -1,0 +1,1 @@
+"""Training: the one loop (`engine.fit`), checkpoints, preflight, losses, optimizers, launcher."""

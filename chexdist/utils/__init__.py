@@ -1,0 +1,1 @@
+"""Shared leaves: atomic files, progress lines, stop signals (standard library and tqdm only)."""
