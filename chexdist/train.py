@@ -73,7 +73,8 @@ def launch_rank() -> int:
 
 
 def training_function(config: Config, args: argparse.Namespace) -> int:
-    from chexdist.training.engine import Preempted, fit
+    from chexdist.errors import Preempted
+    from chexdist.training.engine import fit
 
     try:
         result = fit(config, args.out, resume=args.resume, progress=not args.no_progress)
@@ -113,7 +114,7 @@ def _main(argv: Sequence[str] | None) -> int:
         config = resolve_config(args)
     except ChexdistError as exc:  # from the command line and files alone: every rank sees the same
         return _refuse(exc, same_on_all_ranks=True)
-    from chexdist.training.engine import SameOnAllRanks
+    from chexdist.errors import SameOnAllRanks
 
     try:
         return training_function(config, args)

@@ -193,7 +193,7 @@ def test_bad_runs_give_one_line_and_exit_2(trained_run, real_images, tmp_path, c
 def test_imported_checkpoint_predicts_without_packing_information(trained_run, real_images, tmp_path, capsys):
     """An imported checkpoint has no shards info: files skip the pack resize (the eval Resize alone
     scales them), thresholds are 0.5, and a note says inputs are not checked against training data."""
-    from chexdist.models.factory import import_checkpoint
+    from chexdist.runs import import_checkpoint
 
     imported = tmp_path / "imported"
     import_checkpoint(trained_run / "best.safetensors", "test_resnet", imported, image_size=128, eval_resize=144)

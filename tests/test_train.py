@@ -59,7 +59,7 @@ def test_two_process_ddp_through_accelerate_launch(train_shards, tmp_path):
     assert (out / "best.safetensors").is_file() and (out / "config.yaml").is_file()
     assert len(list((out / "checkpoints").iterdir())) == 3  # keep_checkpoints
 
-    from chexdist.models.factory import load_best
+    from chexdist.runs import load_best
 
     model, info = load_best(out)
     assert info["epoch"] == best["epoch"]

@@ -28,9 +28,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from chexdist.data.loader import (
-    _collate,
-    _seed_words,
-    _seeded,
+    collate_images,
+    seed_words,
+    seeded,
     build_train_loader,
     decode_gray,
     image_bytes,
@@ -253,7 +253,7 @@ def _stage_costs(shard_dir: Path, transform: Callable[[torch.Tensor], torch.Tens
     images = stage("transform", lambda: [per_image(g) for g in gray])
     batches = range(0, len(images), batch_size)
     stage("seeding", lambda: _seed_each(batches))
-    collated = stage("collate", lambda: [(_collate(images[b:b + batch_size], None), torch.stack(labels[b:b + batch_size]))
+    collated = stage("collate", lambda: [(collate_images(images[b:b + batch_size], None), torch.stack(labels[b:b + batch_size]))
                                          for b in batches])
     stage("normalize", lambda: _normalize_each(normalize, collated))
     return {name: round(1e3 * seconds / len(samples), 4) for name, seconds in costs.items()}
@@ -266,7 +266,7 @@ def _normalize_each(normalize: Callable[[torch.Tensor], torch.Tensor], batches: 
 
 def _seed_each(batches: Iterable[int]) -> None:
     for b in batches:
-        with _seeded(_seed_words(0, 0, 0, 0, b)):
+        with seeded(seed_words(0, 0, 0, 0, b)):
             pass
 
 

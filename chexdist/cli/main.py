@@ -362,7 +362,7 @@ def _localize_split(args: argparse.Namespace, result: dict) -> int:
 
 
 def cmd_import_checkpoint(args: argparse.Namespace) -> int:
-    from chexdist.models.factory import import_checkpoint
+    from chexdist.runs import import_checkpoint
 
     info = import_checkpoint(args.src, args.arch, args.out, image_size=args.image_size, eval_resize=args.eval_resize)
     source = info["imported_from"]

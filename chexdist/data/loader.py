@@ -250,7 +250,7 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
-def _collate(images: list[torch.Tensor], normalize: GrayToNormalizedRGB | None) -> torch.Tensor:
+def collate_images(images: list[torch.Tensor], normalize: GrayToNormalizedRGB | None) -> torch.Tensor:
     """Stack per-image outputs; with `normalize`, stack uint8 and normalize the batch in one pass.
 
     Normalizing per batch, straight into the output buffer, saves a float copy of every image.
@@ -288,13 +288,13 @@ def _ring_segments(counts: list[int], order: list[int], start: int, length: int 
         q = (q + take) % total
 
 
-def _seed_words(*key: int) -> np.ndarray:
+def seed_words(*key: int) -> np.ndarray:
     """Four 32-bit words drawn from numpy's SeedSequence of `key` (independent streams per key)."""
     return np.random.SeedSequence(list(key)).generate_state(4)
 
 
 @contextlib.contextmanager
-def _seeded(words: np.ndarray) -> Iterator[None]:
+def seeded(words: np.ndarray) -> Iterator[None]:
     """Run a block with torch's, Python's and NumPy's global generators seeded from `words`, then put
     all three back: a transform may draw from any of them, and the caller's streams stay untouched."""
     py_state, np_state = random.getstate(), np.random.get_state()
@@ -364,7 +364,7 @@ class TrainStream(IterableDataset):
             return
         order, starts = p.ring(epoch)
         budget = p.batches[worker] * B
-        shuffle_seed = int(_seed_words(p.seed, epoch, p.rank, worker)[0])
+        shuffle_seed = int(seed_words(p.seed, epoch, p.rank, worker)[0])
         perm = list(shuffle(p.shuffle_buffer, initial=p.shuffle_buffer, rng=random.Random(shuffle_seed))(iter(range(budget))))
         wanted = perm[first * B:]
         needed = bytearray(budget)
@@ -376,7 +376,7 @@ class TrainStream(IterableDataset):
         pending: dict[int, dict | None] = {}
         for b in range(first, p.batches[worker]):
             images, labels = [], []
-            with _seeded(_seed_words(p.seed, epoch, p.rank, worker, b)):
+            with seeded(seed_words(p.seed, epoch, p.rank, worker, b)):
                 for j in range(b * B, (b + 1) * B):
                     while perm[j] not in pending:
                         q, item = next(reader)
@@ -387,7 +387,7 @@ class TrainStream(IterableDataset):
                         decoded = self._replacement(order, starts[worker] + budget + j, slot)
                     images.append(decoded.image)
                     labels.append(decoded.labels)
-            yield _collate(images, self.normalize), torch.stack(labels)
+            yield collate_images(images, self.normalize), torch.stack(labels)
 
     def _decode(self, item: dict | None, slot: int) -> _Decoded | None:
         if item is None:
@@ -492,7 +492,7 @@ class EvalStream(IterableDataset):
             if any(image is None for image in images):
                 pad = self._pad() if pad is None else pad
                 images = [pad if image is None else image for image in images]
-            yield EvalBatch(_collate(images, self.normalize), labels, valid, index, patient, keys)
+            yield EvalBatch(collate_images(images, self.normalize), labels, valid, index, patient, keys)
 
 
 # ---------------------------------------------------------------- loaders
@@ -577,7 +577,7 @@ def _dataloader(dataset: IterableDataset, num_workers: int, pin_memory: bool, mu
                 seed_key: tuple[int, ...], persistent_workers: bool) -> DataLoader:
     """A DataLoader whose workers' torch, Python and NumPy generators start from `seed_key` (torch seeds
     all three from the generator's base seed + worker id), not from the global torch RNG or a constant."""
-    words = _seed_words(*seed_key)
+    words = seed_words(*seed_key)
     return DataLoader(
         dataset,
         batch_size=None,

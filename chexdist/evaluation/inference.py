@@ -61,7 +61,7 @@ def eval_transform(config: Config, normalization: dict | None = None):
 def load_run(run: str | os.PathLike, checkpoint: str | os.PathLike | None = "best") -> LoadedRun:
     """A run folder's exported model (`checkpoint` "best"/None), or `checkpoint` = a weights file
     with its JSON beside it (best.json format). Refuses missing files and label-order mismatches."""
-    from chexdist.models.factory import load_best
+    from chexdist.runs import load_best
 
     run_path = Path(run) if run is not None else None
     if run_path is not None and not run_path.is_dir():

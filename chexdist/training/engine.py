@@ -32,13 +32,13 @@ import torch
 from chexdist import __version__
 from chexdist.config import BatchPlan, Config, config_from_dict, config_to_dict, eval_crop_warning, load_yaml, resolve_batch, save_config
 from chexdist.data.loader import build_train_loader
-from chexdist.errors import EXIT_INTERRUPTED, EXIT_REQUEUE, ChexdistError
+from chexdist.errors import ChexdistError, NonFiniteLoss, Preempted, SameOnAllRanks
+from chexdist.runs import best_info, export_best
 from chexdist.utils.fileio import append_jsonl, atomic_write_json, atomic_write_jsonl
 from chexdist.evaluation.inference import eval_transform, predict_split, split_loader
-from chexdist.labels import LABELS
 from chexdist.training.losses import build_loss, pos_weight_from_counts
 from chexdist.evaluation.metrics import per_class_metrics, tune_thresholds
-from chexdist.models.factory import create_model, model_normalization, save_weights
+from chexdist.models.factory import create_model, model_normalization
 from chexdist.training.optim import build_optimizer, build_scheduler, step_scheduler
 from chexdist.utils.progress import EpochProgress
 from chexdist.data.shardformat import load_manifest, split_shards
@@ -66,28 +66,6 @@ SUPPORTED_DISTRIBUTED = {"NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU
                          "MULTI_MUSA", "MULTI_HPU", "MULTI_NEURON"}
 
 Report = Callable[[dict[str, Any]], None]
-
-
-class Preempted(Exception):
-    """A stop signal arrived and a checkpoint was saved; `exit_code` is 75 (requeue and --resume) for
-    SIGTERM/SIGUSR1 and 130 for SIGINT. Every rank raises it at the same step."""
-
-    def __init__(self, checkpoint: Path, signum: int = signal.SIGTERM):
-        self.checkpoint, self.signum = checkpoint, signal.Signals(signum)
-        super().__init__(f"{self.signum.name}: saved checkpoint {checkpoint}; rerun with --resume to continue")
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_INTERRUPTED if self.signum == signal.SIGINT else EXIT_REQUEUE
-
-
-class SameOnAllRanks(ChexdistError):
-    """Raised identically by every rank (a rank-0 decision or a cross-rank agreement), so one report
-    from rank 0 is the whole story."""
-
-
-class NonFiniteLoss(SameOnAllRanks):
-    pass
 
 
 @dataclass
@@ -406,11 +384,6 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 # --------------------------------------------------------------------------------- best export
 
 
-def export_best(model: torch.nn.Module, out: Path, info: dict[str, Any]) -> None:
-    save_weights(model, out / "best.safetensors", labels=info["labels"], metadata={"recipe": info["recipe"]})
-    atomic_write_json(out / "best.json", info)
-
-
 # ----------------------------------------------------------------------------------- the loop
 
 
@@ -644,7 +617,7 @@ def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, 
             append_jsonl(out / "metrics.jsonl", record)
             accelerator.print(_format_epoch(record, config.train.epochs))
             if improved:
-                export_best(accelerator.unwrap_model(model), out, _best_info(config, record, manifest, normalization))
+                export_best(accelerator.unwrap_model(model), out, best_info(config, record, manifest, normalization))
         saved = checkpointer.save()
         if report is not None:
             report(record)
@@ -685,30 +658,6 @@ def _with_batch(config: Config, batch: BatchPlan) -> Config:
     run = copy.deepcopy(config)
     run.data.batch_size, run.train.grad_accum = batch.batch_size, batch.grad_accum
     return run
-
-
-def _best_info(config: Config, record: dict[str, Any], manifest: dict, normalization: dict[str, list[float]]) -> dict[str, Any]:
-    return {
-        "labels": list(LABELS),
-        "arch": config.model.name,
-        "recipe": config.recipe,
-        "image_size": config.data.image_size,
-        "eval_resize": config.data.resolved_eval_resize,
-        "crop_pct": config.data.crop_pct,
-        "normalization": normalization,
-        "global_batch": record["global_batch"],
-        "lr": record["lr"],
-        "base_lr": record["base_lr"],
-        "precision": record["precision"],
-        "world_size": record["world_size"],
-        "thresholds": record["val_thresholds"],
-        "val_metrics": {k: record[k] for k in ("val_loss", "val_auc_mean", "val_ap_mean", "val_f1_mean", "val_auc", "val_f1")},
-        "epoch": record["epoch"],
-        "step": record["step"],
-        "chexdist_version": __version__,
-        "shards": {"image": manifest["image"], "split": manifest["split"], "source": manifest["source"]},
-        "config": config_to_dict(config),
-    }
 
 
 def _banner(config: Config, accelerator, precision: str, train_images: int) -> str:
