@@ -152,3 +152,14 @@ def best_info(config: Config, record: dict[str, Any], manifest: dict, normalizat
         "shards": {"image": manifest["image"], "split": manifest["split"], "source": manifest["source"]},
         "config": config_to_dict(config),
     }
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run: str | os.PathLike) -> list[dict[str, Any]]:
+    """The run's `metrics.jsonl` records, one per finished epoch (empty when the run has none yet)."""
+    path = Path(run) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

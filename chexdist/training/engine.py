@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 import os
@@ -33,7 +32,7 @@ from chexdist import __version__
 from chexdist.config import BatchPlan, Config, config_from_dict, config_to_dict, eval_crop_warning, load_yaml, resolve_batch, save_config
 from chexdist.data.loader import build_train_loader
 from chexdist.errors import ChexdistError, NonFiniteLoss, Preempted, SameOnAllRanks
-from chexdist.runs import best_info, export_best
+from chexdist.runs import METRICS_FILE, best_info, export_best, read_metrics
 from chexdist.utils.fileio import append_jsonl, atomic_write_json, atomic_write_jsonl
 from chexdist.evaluation.inference import eval_transform, predict_split, split_loader
 from chexdist.training.losses import build_loss, pos_weight_from_counts
@@ -644,11 +643,10 @@ def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, 
 def _resumed_history(out: Path, epochs_done: int, is_main: bool) -> list[dict[str, Any]]:
     """metrics.jsonl up to the checkpoint's epoch: a run killed after logging an epoch but before
     checkpointing it redoes that epoch, so its line is dropped rather than duplicated."""
-    path = out / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    records = read_metrics(out)
     kept = [r for r in records if r["epoch"] <= epochs_done]
     if is_main and len(kept) != len(records):
-        atomic_write_jsonl(path, kept)
+        atomic_write_jsonl(out / METRICS_FILE, kept)
     return kept
 
 

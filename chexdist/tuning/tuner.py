@@ -929,7 +929,9 @@ def _bench_shards(root: Path) -> str:
 
 def _run_images(run: Path, config: Config) -> int:
     """Training images a finished run consumed: optimizer steps x batch x processes (no accumulation)."""
-    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    from chexdist.runs import read_metrics
+
+    last = read_metrics(run)[-1]
     return last["step"] * config.data.batch_size * config.train.grad_accum * last["world_size"]
 
 
@@ -958,5 +960,6 @@ def _timed_search(root: Path, space: Path, shards: str, fixed: list[str], name: 
 
 def _loop_seconds(run: Path) -> float:
     """Training-loop seconds summed over the run's epochs (metrics.jsonl `seconds`)."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return round(sum(r["seconds"] for r in records), 3)
+    from chexdist.runs import read_metrics
+
+    return round(sum(r["seconds"] for r in read_metrics(run)), 3)
