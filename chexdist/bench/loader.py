@@ -37,6 +37,7 @@ from chexdist.data.loader import (
     parse_labels,
 )
 from chexdist.errors import ChexdistError
+from chexdist.utils.distributed import make_accelerator
 from chexdist.utils.fileio import dumps_json
 from chexdist.labels import NUM_LABELS
 from chexdist.data.nih import DATA_ENTRY_COLUMNS as _CSV_HEADER
@@ -669,15 +670,13 @@ def train_suite(model: str = "resnet18", image_size: int = 128, batch_size: int 
     precision, alternated `repeats` times (each goes first half the time); best of each. Batches are in memory so only the loops differ."""
     import copy
 
-    from accelerate import Accelerator
-
     from chexdist.config import load_config
     from chexdist.training.engine import Checkpointer, StopFlag, TrainState, train_epoch
     from chexdist.training.losses import build_loss
     from chexdist.models.factory import create_model
     from chexdist.training.optim import build_optimizer
 
-    accelerator = Accelerator(mixed_precision=precision)
+    accelerator = make_accelerator(precision)
     device = accelerator.device
     config = load_config("tiny", overrides=[f"model.name={model}", f"data.batch_size={batch_size}", f"train.precision={precision}"])
     torch.manual_seed(0)

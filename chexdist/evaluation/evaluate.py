@@ -342,9 +342,9 @@ def _strict_json(obj: Any) -> str:
 
 
 def _accelerator():
-    from accelerate import Accelerator
+    from chexdist.utils.distributed import make_accelerator
 
-    return Accelerator()
+    return make_accelerator()
 
 
 def _split_notes(split: str, info: dict[str, Any], manifest: dict[str, Any], tuned: bool) -> list[str]:

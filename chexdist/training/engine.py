@@ -33,6 +33,7 @@ from chexdist.config import BatchPlan, Config, config_from_dict, config_to_dict,
 from chexdist.data.loader import build_train_loader
 from chexdist.errors import ChexdistError, NonFiniteLoss, Preempted, SameOnAllRanks
 from chexdist.runs import METRICS_FILE, best_info, export_best, read_metrics
+from chexdist.utils.distributed import make_accelerator
 from chexdist.utils.fileio import append_jsonl, atomic_write_json, atomic_write_jsonl
 from chexdist.evaluation.inference import eval_transform, predict_split, split_loader
 from chexdist.training.losses import build_loss, pos_weight_from_counts
@@ -389,25 +390,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def _make_accelerator(config: Config):
     """Accelerator with train.precision passed explicitly: the launcher's --mixed_precision, the
     environment and the accelerate config apply only with train.precision=auto."""
-    from accelerate import Accelerator
-
-    wanted = None if config.train.precision == "auto" else config.train.precision
-    try:
-        accelerator = Accelerator(mixed_precision=wanted)
-    except ValueError as e:
-        if "already been initialized" not in str(e):
-            raise
-        raise ChexdistError(
-            f"config key 'train.precision': {wanted} differs from the precision this process already runs Accelerate "
-            "with; run it in a new process"
-        ) from None
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if wanted is not None and launcher and launcher.lower() != wanted:
-        accelerator.print(
-            f"precision {wanted} from train.precision; the launcher's --mixed_precision {launcher.lower()} is not used "
-            "(set train.precision=auto to use it)"
-        )
-    return accelerator
+    return make_accelerator(None if config.train.precision == "auto" else config.train.precision)
 
 
 def _check_accelerator(accelerator, config: Config) -> None:

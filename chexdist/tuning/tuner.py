@@ -443,12 +443,11 @@ def accelerator_for_ray_train(config: Config):
     reads the same variables and reuses an initialized group. On CPU it needs ACCELERATE_USE_CPU to
     take the multi-CPU path instead of looking for GPUs."""
     import torch
-    from accelerate import Accelerator
 
-    if not torch.cuda.is_available():
-        os.environ["ACCELERATE_USE_CPU"] = "1"
+    from chexdist.utils.distributed import make_accelerator
+
     precision = config.train.precision if config.train.precision != "no" else None
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    return make_accelerator(precision, cpu=not torch.cuda.is_available())
 
 
 # ------------------------------------------------------------------------------------------ search
