@@ -26,11 +26,9 @@ class Preempted(Exception):
         return EXIT_INTERRUPTED if self.signum == signal.SIGINT else EXIT_REQUEUE
 
 
-
 class SameOnAllRanks(ChexdistError):
     """Raised identically by every rank (a rank-0 decision or a cross-rank agreement), so one report
     from rank 0 is the whole story."""
-
 
 
 class NonFiniteLoss(SameOnAllRanks):

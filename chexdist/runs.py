@@ -36,9 +36,7 @@ def best_files(run_or_file: str | os.PathLike) -> tuple[Path, Path]:
     return weights, info_path
 
 
-
 BEST_INFO_KEYS = ("labels", "arch", "thresholds", "config")
-
 
 
 def read_best_info(info_path: str | os.PathLike) -> dict[str, Any]:
@@ -57,7 +55,6 @@ def read_best_info(info_path: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
-
 def load_best(run_or_file: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The exported best model (eval mode, CPU) and its best.json; refuses a label order other than
     chexdist's. `run_or_file`: a run folder, or a .safetensors file with its .json beside it."""
@@ -74,7 +71,6 @@ def load_best(run_or_file: str | os.PathLike) -> tuple[torch.nn.Module, dict[str
         first = str(exc).strip().splitlines()[0]
         raise ChexdistError(f"{weights}: does not fit arch {info['arch']!r} from {info_path.name} ({first})") from None
     return model.eval(), info
-
 
 
 def import_checkpoint(src: str | os.PathLike, arch: str, out: str | os.PathLike, image_size: int = 224,
@@ -127,7 +123,6 @@ def import_checkpoint(src: str | os.PathLike, arch: str, out: str | os.PathLike,
 def export_best(model: torch.nn.Module, out: Path, info: dict[str, Any]) -> None:
     save_weights(model, out / "best.safetensors", labels=info["labels"], metadata={"recipe": info["recipe"]})
     atomic_write_json(out / "best.json", info)
-
 
 
 def best_info(config: Config, record: dict[str, Any], manifest: dict, normalization: dict[str, list[float]]) -> dict[str, Any]:

@@ -671,7 +671,8 @@ def train_suite(model: str = "resnet18", image_size: int = 128, batch_size: int 
     import copy
 
     from chexdist.config import load_config
-    from chexdist.training.engine import Checkpointer, StopFlag, TrainState, train_epoch
+    from chexdist.training.checkpoint import TrainState
+    from chexdist.training.engine import Checkpointer, StopFlag, train_epoch
     from chexdist.training.losses import build_loss
     from chexdist.models.factory import create_model
     from chexdist.training.optim import build_optimizer

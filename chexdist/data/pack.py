@@ -448,7 +448,6 @@ def merge_tasks(
     return _finish(out, release, settings, source_sha, plans, missing, done)
 
 
-
 def _build_manifest(release: NihRelease, settings: PackSettings, source_sha: str, records: list[dict], errors: list[dict]) -> dict:
     splits = {}
     for name in SPLITS:

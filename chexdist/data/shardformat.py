@@ -125,7 +125,6 @@ def split_shards(manifest: dict, split: str, where: str = "manifest") -> list[di
     return shards
 
 
-
 def shard_urls(shard_dir: str | os.PathLike, split: str, manifest: dict | None = None) -> list[str]:
     """URLs (or local paths) of the shards of `split`, in manifest order."""
     manifest = manifest if manifest is not None else load_manifest(shard_dir)

@@ -20,7 +20,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from chexdist import __version__
 from chexdist.config import BatchPlan, Config, config_from_dict, config_to_dict, eval_crop_warning, load_yaml, resolve_batch, save_config
 from chexdist.data.loader import build_train_loader
 from chexdist.errors import ChexdistError, NonFiniteLoss, Preempted, SameOnAllRanks
+from chexdist.training.checkpoint import SHAPE_KEYS, TrainState, checkpoint_name, list_checkpoints
 from chexdist.runs import METRICS_FILE, best_info, export_best, read_metrics
 from chexdist.utils.distributed import make_accelerator
 from chexdist.utils.fileio import append_jsonl, atomic_write_json, atomic_write_jsonl
@@ -54,45 +55,12 @@ RESUMABLE_KEYS = {"train.epochs", "data.num_workers", "data.shards", "eval.boots
 PREEMPTED_MARKER = "PREEMPTED"  # in the run folder while the run waits for --resume after a signal
 # What an epoch's data plan and step grouping depend on besides the config: stored in
 # trainer_state.pt, compared on --resume (TrainState field -> how the user sets it).
-SHAPE_KEYS = {
-    "world_size": "processes",
-    "num_workers": "data.num_workers",
-    "batch_size": "per-process batch",
-    "grad_accum": "train.grad_accum",
-}
 # Accelerate types whose state this loop handles (DDP or one process); FSDP/DeepSpeed/XLA/Megatron
 # shard or place state differently (export_best on the main process alone would deadlock).
 SUPPORTED_DISTRIBUTED = {"NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA",
                          "MULTI_MUSA", "MULTI_HPU", "MULTI_NEURON"}
 
 Report = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class TrainState:
-    """Loop position and early-stopping memory, checkpointed with the model (torchtitan style)."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps taken
-    batch: int = 0  # batches of the current epoch already consumed (mid-epoch checkpoints)
-    loss_sum: float = 0.0
-    loss_batches: int = 0
-    epoch_seconds: float = 0.0
-    best_auc: float = -math.inf
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    # the shape the current epoch's plan was made for (0 = a checkpoint from before it was recorded)
-    world_size: int = 0
-    num_workers: int = 0
-    batch_size: int = 0
-    grad_accum: int = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
 
 
 @dataclass
@@ -158,17 +126,6 @@ def _in_main_thread() -> bool:
 
 
 # ------------------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_name(state: TrainState) -> str:
-    return f"step{state.step:09d}-epoch{state.epoch:04d}-batch{state.batch:06d}"
-
-
-def list_checkpoints(out: Path) -> list[Path]:
-    folder = out / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step"))
 
 
 class Checkpointer:

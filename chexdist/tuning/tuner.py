@@ -260,7 +260,7 @@ def _nan_to_none(value: Any) -> Any:
 def _staged_checkpoint(run: Path, state: dict[str, Any]) -> Iterator[Path]:
     """A folder with what a trial needs to continue: config, metrics, best export and only the newest
     engine checkpoint (hard links where possible, so staging costs no copy). Ray copies it to storage."""
-    from chexdist.training.engine import list_checkpoints
+    from chexdist.training.checkpoint import list_checkpoints
 
     stage = Path(tempfile.mkdtemp(prefix=".ray-ckpt-", dir=run.parent))
     try:
@@ -289,7 +289,7 @@ def plan_restore(checkpoint_dir: Path, run: Path, config: Config, overrides: dic
     better trial and mutated lr/augmentation: the engine refuses changed settings on resume (and its
     optimizer state would undo a new lr), so the trial starts a new run from the donor's weights for
     the epochs left. Pure: every rank of a multi-process trial computes the same answer."""
-    from chexdist.training.engine import list_checkpoints
+    from chexdist.training.checkpoint import checkpoint_position, list_checkpoints
 
     state = json.loads((checkpoint_dir / STATE_FILE).read_text())
     if state["params"] == overrides:
@@ -298,14 +298,14 @@ def plan_restore(checkpoint_dir: Path, run: Path, config: Config, overrides: dic
             saved = apply_overrides(saved, {"model.pretrained": str(run / INIT_WEIGHTS)})
         return saved, True, state["epoch_offset"]
     donor = list_checkpoints(checkpoint_dir)[-1]
-    done = state["epoch_offset"] + int(donor.name.split("-epoch")[1].split("-")[0])
+    done = state["epoch_offset"] + checkpoint_position(donor).epoch
     left = config.train.epochs - done
     return apply_overrides(config, {"model.pretrained": str(run / INIT_WEIGHTS), "train.epochs": max(1, left)}), False, done
 
 
 def materialize_restore(checkpoint_dir: Path, run: Path, config: Config, resume: bool) -> None:
     """Write the run folder `plan_restore` decided on (rank 0 only); Ray's checkpoint is the truth."""
-    from chexdist.training.engine import list_checkpoints
+    from chexdist.training.checkpoint import list_checkpoints
 
     if run.exists():
         shutil.rmtree(run)
@@ -341,7 +341,7 @@ def _fit_trial(config: Config, overrides: dict[str, Any], run: Path, checkpoint,
     elif (found := _left_behind(run, config, overrides)) is not None:
         config, resume, offset = found
     elif is_main and run.exists():
-        from chexdist.training.engine import list_checkpoints
+        from chexdist.training.checkpoint import list_checkpoints
 
         if list_checkpoints(run):  # not this trial's (other parameters): keep it aside, never delete a checkpoint
             run.rename(run.with_name(f"{run.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"))
@@ -369,7 +369,7 @@ def _fit_trial(config: Config, overrides: dict[str, Any], run: Path, checkpoint,
 def _left_behind(run: Path, config: Config, overrides: dict[str, Any]) -> tuple[Config, bool, int] | None:
     """A trial Ray restarts without a checkpoint (the search was killed before Ray recorded one) finds
     its own run folder: continue it exactly from the engine's checkpoint instead of redoing epochs."""
-    from chexdist.training.engine import list_checkpoints
+    from chexdist.training.checkpoint import list_checkpoints
 
     if not (run / STATE_FILE).is_file() or not list_checkpoints(run):
         return None
