@@ -207,7 +207,8 @@ def broken_links(root: Path = ROOT) -> list[str]:
             if not path.exists():
                 broken.append(f"{doc.name}: {target} (no such file)")
             elif anchor and path.suffix == ".md":
-                anchors = {slug(h) for h in re.findall(r"^#+ (.+)$", path.read_text(), re.M)}
+                prose = FENCE.sub("", path.read_text())
+                anchors = {slug(h) for h in re.findall(r"^#+ (.+)$", prose, re.M)}
                 if anchor not in anchors:
                     broken.append(f"{doc.name}: {target} (no such heading)")
     return broken
