@@ -22,6 +22,7 @@ import yaml
 
 from chexdist import __version__
 from chexdist.errors import ChexdistError
+from chexdist.models.arch import check_input_size
 from chexdist.utils.fileio import atomic_write_text
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -421,8 +422,6 @@ def _set(cfg: Config, section: Any, key: Any, value: Any) -> None:
 
 def _check_cross(cfg: Config) -> None:
     """Rules that involve two keys; each names the key to change."""
-    from chexdist.models.factory import check_input_size
-
     check_input_size(cfg.model.name, cfg.data.image_size)
     if cfg.data.eval_resize and cfg.data.eval_resize < cfg.data.image_size:
         raise ChexdistError(

@@ -14,7 +14,9 @@ from chexdist import __version__
 from chexdist.config import Config, config_from_dict, config_to_dict, load_config
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS, NUM_LABELS, check_labels
-from chexdist.models.factory import create_model, load_pretrained, read_state_dict, save_weights
+from chexdist.models.arch import resolve_normalization
+from chexdist.models.factory import create_model
+from chexdist.models.weights import load_pretrained, read_state_dict, save_weights
 from chexdist.utils.fileio import atomic_write_json, sha256_file
 
 
@@ -79,9 +81,8 @@ def import_checkpoint(src: str | os.PathLike, arch: str, out: str | os.PathLike,
     `module.` prefix, old `norm.1` names, Sequential classifier; or a plain state dict), so evaluate,
     predict and cam run on it. Loads with weights_only=True; the classifier must be in the file with
     14 outputs in chexdist's label order (CheXNet's order). Thresholds are 0.5, marked not tuned.
-    Refuses to overwrite an existing export."""
-    from chexdist.data.transforms import NORMALIZATION
-
+    Refuses to overwrite an existing export. Normalization is ImageNet's, whatever the arch: the
+    one the CheXNet family was trained with; a foreign checkpoint does not record its own."""
     out = Path(out)
     if (out / "best.safetensors").exists() or (out / "best.json").exists():
         raise ChexdistError(f"{out}: already holds best.safetensors/best.json; choose a new --out (nothing is overwritten)")
@@ -103,7 +104,7 @@ def import_checkpoint(src: str | os.PathLike, arch: str, out: str | os.PathLike,
         "recipe": "",
         "image_size": image_size,
         "eval_resize": eval_resize,
-        "normalization": NORMALIZATION,
+        "normalization": resolve_normalization(),
         "thresholds": {name: 0.5 for name in labels},
         "thresholds_tuned": False,
         "val_metrics": None,
@@ -121,11 +122,14 @@ def import_checkpoint(src: str | os.PathLike, arch: str, out: str | os.PathLike,
 
 
 def export_best(model: torch.nn.Module, out: Path, info: dict[str, Any]) -> None:
+    """Write `out`/best.safetensors (labels and recipe in its metadata) and then `out`/best.json."""
     save_weights(model, out / "best.safetensors", labels=info["labels"], metadata={"recipe": info["recipe"]})
     atomic_write_json(out / "best.json", info)
 
 
 def best_info(config: Config, record: dict[str, Any], manifest: dict, normalization: dict[str, list[float]]) -> dict[str, Any]:
+    """best.json of a trained run: `record` is the best epoch's metrics.jsonl record, `normalization`
+    the one the model was trained with."""
     return {
         "labels": list(LABELS),
         "arch": config.model.name,

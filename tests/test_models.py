@@ -4,6 +4,8 @@ ImageNet-style backbones. No downloads: every checkpoint is written by the test 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -14,15 +16,9 @@ from torch import nn
 
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS
-from chexdist.models.factory import (
-    create_model,
-    fixed_input_size,
-    gradcam_target_layer,
-    import_chexnet_state_dict,
-    load_pretrained,
-    model_normalization,
-    save_weights,
-)
+from chexdist.models.arch import fixed_input_size, gradcam_target_layer, resolve_normalization
+from chexdist.models.factory import create_model
+from chexdist.models.weights import import_chexnet_state_dict, load_pretrained, save_weights
 
 torch.set_num_threads(1)
 TINY = "test_resnet"
@@ -219,11 +215,16 @@ def test_config_refuses_a_size_the_architecture_cannot_take() -> None:
 def test_normalization_comes_from_the_model() -> None:
     imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     half = {"mean": [0.5] * 3, "std": [0.5] * 3}
-    assert model_normalization("densenet121") == imagenet
-    assert model_normalization("efficientnet_b0") == imagenet
-    assert model_normalization("vit_base_patch16_224") == half
-    assert model_normalization(create_model("densenet121")) == imagenet
-    assert model_normalization(create_model(TINY, head="dense_bn")) == model_normalization(TINY) == half
+    assert resolve_normalization("densenet121") == imagenet
+    assert resolve_normalization("efficientnet_b0") == imagenet
+    assert resolve_normalization("vit_base_patch16_224") == half
+    assert resolve_normalization(create_model("densenet121")) == imagenet
+    assert resolve_normalization(create_model(TINY, head="dense_bn")) == resolve_normalization(TINY) == half
+    assert resolve_normalization() == imagenet
+    assert resolve_normalization("vit_base_patch16_224", given={"mean": (0.1,) * 3, "std": [1, 1, 1]}) == {
+        "mean": [0.1] * 3, "std": [1.0] * 3}  # what the run recorded wins over the architecture's
+    with pytest.raises(ChexdistError, match=r"^normalization \{'mean': \[0.5\]\}: expected"):
+        resolve_normalization(TINY, given={"mean": [0.5]})
 
     from chexdist.data.transforms import build_transform
 
@@ -233,3 +234,10 @@ def test_normalization_comes_from_the_model() -> None:
     dense = build_transform("none", image_size=64, eval_resize=72, train=False, normalization=imagenet)(white)
     expected = (1 - torch.tensor(imagenet["mean"])) / torch.tensor(imagenet["std"])
     assert torch.allclose(dense[:, 0, 0], expected)
+
+
+def test_architecture_facts_and_config_import_neither_torch_nor_timm() -> None:
+    code = ("import sys, chexdist.models.arch, chexdist.config; "
+            "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from chexdist.errors import ChexdistError
-from chexdist.data.transforms import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATION, PRESETS, build_transform, split_normalization
+from chexdist.data.transforms import PRESETS, build_transform, split_normalization
+from chexdist.models.arch import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATION
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)

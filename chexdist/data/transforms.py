@@ -1,7 +1,7 @@
 """Named augmentation presets and the eval transform (torchvision.transforms.v2).
 
 Input: one 8-bit grayscale image, a numpy HxW array or a uint8 tensor [1,H,W] (or [H,W]).
-Output: float32 [3,H,W], normalized with the model's mean/std (`models.model_normalization`;
+Output: float32 [3,H,W], normalized with the model's mean/std (`models.arch.resolve_normalization`;
 ImageNet's by default), the gray channel replicated to 3 channels.
 
 Every geometric and colour op runs on the 1-channel uint8 tensor (a third of the work of RGB and
@@ -17,12 +17,10 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from chexdist.config import AugConfig
+from chexdist.config import AugConfig, Config
 from chexdist.errors import ChexdistError
+from chexdist.models.arch import IMAGENET_MEAN, IMAGENET_STD, resolve_normalization
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-NORMALIZATION: dict[str, list[float]] = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 _AUG = AugConfig()  # the augmentation defaults live in the config, once
 
 PRESETS: tuple[str, ...] = ("none", "flip", "dannynet", "strong")
@@ -104,7 +102,7 @@ def build_transform(
 ) -> v2.Compose:
     """The transform for `preset` (train=True) or the eval transform (train=False; preset still checked).
 
-    `normalization` {"mean": [3], "std": [3]} is the model's (default ImageNet's).
+    `normalization` {"mean": [3], "std": [3]} is the model's (`resolve_normalization`; default ImageNet's).
 
     Randomness comes from torch's global RNG, which the train loader forks per stream so augmentation
     is reproducible for a given (seed, epoch, rank, worker).
@@ -124,8 +122,17 @@ def build_transform(
             ops.append(v2.ColorJitter(brightness=brightness, contrast=contrast))
         if preset == "strong" and (degrees or translate):
             ops.append(v2.RandomAffine(degrees=degrees, translate=(translate, translate)))
-    norm = normalization or NORMALIZATION
+    norm = resolve_normalization(given=normalization)
     return v2.Compose([ToGrayTensor(), *ops, GrayToNormalizedRGB(tuple(norm["mean"]), tuple(norm["std"]))])
+
+
+def eval_transform(config: Config, normalization: dict | None = None) -> v2.Compose:
+    """The eval transform of a run (Resize eval_resize + CenterCrop image_size), normalized with the
+    run's recorded mean/std (best.json `normalization`; ImageNet when absent)."""
+    return build_transform(
+        config.aug.preset, image_size=config.data.image_size, eval_resize=config.data.resolved_eval_resize,
+        train=False, normalization=normalization,
+    )
 
 
 def split_normalization(transform: v2.Compose) -> tuple[v2.Compose, GrayToNormalizedRGB]:

@@ -33,7 +33,7 @@ from chexdist.utils.fileio import atomic_write_bytes
 from chexdist.evaluation.inputs import Failure, InputPipeline, Prepared, expand_inputs, iter_prepared
 from chexdist.labels import LABELS
 from chexdist.evaluation.metrics import bootstrap_mean_ci
-from chexdist.models.factory import gradcam_target_layer
+from chexdist.models.arch import gradcam_target_layer
 from chexdist.data.synth import BBOX_FINDINGS
 
 NIH_BOX_FRAME = 1024  # BBox_List_2017 coordinates are pixels of the released 1024x1024 PNGs

@@ -17,9 +17,9 @@ import torch
 
 from chexdist.config import Config, config_from_dict
 from chexdist.data.loader import build_eval_loader
-from chexdist.models.factory import model_normalization
+from chexdist.data.transforms import eval_transform
 from chexdist.errors import ChexdistError
-from chexdist.data.transforms import build_transform
+from chexdist.models.arch import resolve_normalization
 
 
 @dataclass
@@ -42,20 +42,6 @@ class LoadedRun:
     def thresholds_tuned(self) -> bool:
         """False for imported checkpoints (0.5 everywhere): their F1 is not a val-tuned F1."""
         return bool(self.info.get("thresholds_tuned", True))
-
-
-def eval_transform(config: Config, normalization: dict | None = None):
-    """The eval transform of a run (Resize eval_resize + CenterCrop image_size), normalized with the
-    run's recorded mean/std (best.json `normalization`; ImageNet when absent)."""
-    if normalization:
-        try:
-            normalization = {k: [float(v) for v in normalization[k]] for k in ("mean", "std")}
-        except (KeyError, TypeError, ValueError):
-            raise ChexdistError(f"normalization {normalization!r}: expected {{'mean': [3 floats], 'std': [3 floats]}}") from None
-    return build_transform(
-        config.aug.preset, image_size=config.data.image_size, eval_resize=config.data.resolved_eval_resize,
-        train=False, normalization=normalization or None,
-    )
 
 
 def load_run(run: str | os.PathLike, checkpoint: str | os.PathLike | None = "best") -> LoadedRun:
@@ -133,12 +119,12 @@ def predict_split(
     `loader` (from :func:`split_loader`) lets a caller that scores the split every epoch keep its
     workers. Otherwise `transform` defaults to the config's eval transform normalized with
     `normalization` (the one the model was trained with, best.json's; by default the model's own,
-    `models.model_normalization`). `with_keys` also gathers the image keys (strings, through
+    `models.arch.resolve_normalization`). `with_keys` also gathers the image keys (strings, through
     accelerate's gather_object); `progress` shows a bar on the main process when stderr is a terminal.
     """
     if loader is None:
         if transform is None:
-            transform = eval_transform(config, normalization or model_normalization(accelerator.unwrap_model(model)))
+            transform = eval_transform(config, resolve_normalization(accelerator.unwrap_model(model), given=normalization))
         loader = split_loader(accelerator, shards, split, config, manifest, transform=transform)
     skipped_before = loader.skipped
     from tqdm.auto import tqdm

@@ -36,15 +36,16 @@ from chexdist.training.checkpoint import SHAPE_KEYS, TrainState, checkpoint_name
 from chexdist.runs import METRICS_FILE, best_info, export_best, read_metrics
 from chexdist.utils.distributed import make_accelerator
 from chexdist.utils.fileio import append_jsonl, atomic_write_json, atomic_write_jsonl
-from chexdist.evaluation.inference import eval_transform, predict_split, split_loader
+from chexdist.evaluation.inference import predict_split, split_loader
 from chexdist.training.losses import build_loss, pos_weight_from_counts
 from chexdist.evaluation.metrics import per_class_metrics, tune_thresholds
-from chexdist.models.factory import create_model, model_normalization
+from chexdist.models.arch import resolve_normalization
+from chexdist.models.factory import create_model
 from chexdist.training.optim import build_optimizer, build_scheduler, step_scheduler
 from chexdist.utils.progress import EpochProgress
 from chexdist.data.shardformat import load_manifest, split_shards
 from chexdist.utils.stopsignals import STOP_SIGNALS
-from chexdist.data.transforms import build_transform
+from chexdist.data.transforms import build_transform, eval_transform
 
 log = logging.getLogger("chexdist")
 
@@ -481,7 +482,7 @@ def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, 
     train_info = manifest["splits"]["train"]
     pos_weight = pos_weight_from_counts(train_info["positives"], train_info["samples"]) if config.loss.name == "wbce" else None
     criterion = build_loss(config.loss.name, gamma=config.loss.gamma, alpha=config.loss.alpha, pos_weight=pos_weight)
-    normalization = model_normalization(model)
+    normalization = resolve_normalization(model)
     optimizer = build_optimizer(config.optim, model, lr=batch.lr)
     scheduler = build_scheduler(config.sched, optimizer, config.train.epochs)
     model, optimizer = accelerator.prepare(model, optimizer)
