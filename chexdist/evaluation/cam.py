@@ -1,7 +1,7 @@
 """Grad-CAM heatmaps of an exported model, PNG overlays, and localization scores against
 radiologist boxes (pointing game, IoU of the thresholded map's box) with patient-bootstrap CIs.
 
-Grad-CAM is pytorch-grad-cam's (the `cam` extra) at `models.gradcam_target_layer`: DenseNet's
+Grad-CAM is pytorch-grad-cam's (the `cam` extra) at the models' `gradcam_target_layer`: DenseNet's
 `features` (taken after the functional ReLU the classifier pools), ResNet's `layer4`, EfficientNet's
 `bn2`, and for a ViT the last block's tokens reshaped to the patch grid (for a class-token ViT the
 block's `norm1`: its classifier reads only the class token of the block's output, so that output's
@@ -34,7 +34,7 @@ from chexdist.evaluation.inputs import Failure, InputPipeline, Prepared, expand_
 from chexdist.labels import LABELS
 from chexdist.evaluation.metrics import bootstrap_mean_ci
 from chexdist.models.factory import gradcam_target_layer
-from chexdist.data.synth import BBOX_FINDINGS
+from chexdist.data.nih import BBOX_FINDINGS
 
 NIH_BOX_FRAME = 1024  # BBox_List_2017 coordinates are pixels of the released 1024x1024 PNGs
 IOU_LEVELS = (0.1, 0.25, 0.5)
@@ -251,7 +251,7 @@ def localize(
 ) -> dict[str, Any]:
     """Score Grad-CAM of each box's finding against the box, for the given images (files/folders).
 
-    `run`: a run folder or an `inference.LoadedRun`. `boxes`: BBox_List_2017.csv (or its table);
+    `run`: a run folder or a `chexdist.evaluation.inference.LoadedRun`. `boxes`: BBox_List_2017.csv (or its table);
     coordinates are pixels of a `box_frame` x `box_frame` image (NIH's 1024 PNGs) and are scaled to
     each file's size (so downsampled copies of the release work); `box_frame=0` means the files' own
     pixels. Per finding and over all: pointing-game hit rate and mean IoU of the map's box (region at
