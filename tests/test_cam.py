@@ -188,7 +188,7 @@ def test_evaluate_localize_scores_only_the_evaluated_splits_images(trained_run, 
     every box of a test image is scored or counted outside the crop, and no box of another split is."""
     import csv
 
-    from chexdist.evaluation.cam import BBOX_FINDINGS
+    from chexdist.data.nih import BBOX_FINDINGS
     from chexdist.data.nih import read_bbox_list
 
     nih = eval_shards.parent / "nih"

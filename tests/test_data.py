@@ -284,20 +284,24 @@ def test_train_max_batches(uneven):
 
 
 def test_train_skips_are_counted_and_replaced(tmp_path, caplog):
-    keys = write_shards(tmp_path, {"train": [6, 6, 5]}, bad={1: "image", 8: "json"})
+    write_shards(tmp_path, {"train": [6, 6, 5]}, bad={1: "image", 8: "json"})
     with open(tmp_path / "train-000002.tar", "r+b") as f:
         f.truncate(1536)
-    total, skipped, seen = len(keys["train"]), 0, []
+    skipped, seen, logged = 0, [], ""
     with caplog.at_level(logging.WARNING, logger="chexdist.data.loader"):
         for rank in range(2):
+            caplog.clear()
             loader, n = build_train_loader(tmp_path, 4, EVAL, 0, 2, rank, seed=0, epoch=0)
             images, numbers = collect_train(loader)
             assert len(images) == n == 3
             skipped += loader.skipped
             seen += numbers
+            lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped ")]
+            assert lines and lines[-1].endswith(f"[{loader.skipped} skipped by this loader]"), lines  # counts are per loader
+            logged += caplog.text
     assert skipped >= 2 + 5
     assert not {1, 8} & set(seen)
-    assert "skipped" in caplog.text and "00000002_000" in caplog.text
+    assert "00000002_000" in logged
 
 
 def test_train_refuses_empty_split(tmp_path):

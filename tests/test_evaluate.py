@@ -98,7 +98,7 @@ def test_report_files_and_metrics_match_sklearn(evaluated: Path, eval_shards: Pa
 
 def test_predictions_are_the_models_outputs_on_the_shard_images(evaluated: Path, eval_shards: Path):
     """predictions.csv rows, recomputed independently: decode the shard image, eval transform, model."""
-    from chexdist.data.loader import decode_gray
+    from chexdist.data.samples import decode_gray
     from chexdist.evaluation.inference import load_run
     from chexdist.data.shardformat import iter_tar
 

@@ -15,7 +15,7 @@ from sklearn.metrics import average_precision_score, f1_score, precision_score, 
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS
 from chexdist.evaluation.metrics import (
-    _Resampler,
+    Resampler,
     bootstrap_ci,
     per_class_metrics,
     threshold_array,
@@ -238,7 +238,7 @@ def test_resampler_equals_sklearn_on_materialized_resamples() -> None:
             rng.multinomial(12, np.full(12, 1 / 12), size=6),
         ]
     )
-    out = _Resampler(p, y, groups, t)(counts)
+    out = Resampler(p, y, groups, t)(counts)
     for b, row in enumerate(counts):
         idx = np.repeat(np.arange(n), row[groups])
         for j in range(C):
@@ -404,7 +404,7 @@ def test_precision_recall_specificity_resampled_like_sklearn() -> None:
     y = (rng.random((30, C)) < 0.4).astype(np.int64)
     p = rng.random((30, C))
     counts = rng.multinomial(10, np.full(10, 0.1), size=5)
-    out = _Resampler(p, y, groups, np.full(C, 0.5))(counts)
+    out = Resampler(p, y, groups, np.full(C, 0.5))(counts)
     for b, row in enumerate(counts):
         idx = np.repeat(np.arange(30), row[groups])
         for j in range(C):

@@ -17,7 +17,8 @@ import pytest
 from chexdist.data import nih
 from chexdist.data.images import decode_gray8
 from chexdist.labels import LABELS
-from chexdist.data.pack import PackSettings, pack_dataset, verify_shards
+from chexdist.data.pack import PackSettings, pack_dataset
+from chexdist.data.verify import verify_shards
 from chexdist.data.shardformat import load_manifest as read_manifest
 from tests.conftest import REAL_CSV, REAL_IMAGES, REPO
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from chexdist.errors import ChexdistError
-from chexdist.data.pack import PackSettings, merge_tasks, pack_dataset, pack_task, verify_shards
+from chexdist.data.pack import PackSettings, merge_tasks, pack_dataset, pack_task
+from chexdist.data.verify import verify_shards
 
 SETTINGS = PackSettings(split="official", size=32, shard_size=24)
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS, NO_FINDING, canonical_name, parse_findings
+from chexdist.data.nih import BBOX_FINDINGS
 from chexdist.data.synth import (
-    BBOX_FINDINGS,
     MOTIFS,
     Placement,
     make_synthetic_nih,

@@ -32,10 +32,8 @@ from chexdist.data.loader import (
     seed_words,
     seeded,
     build_train_loader,
-    decode_gray,
-    image_bytes,
-    parse_labels,
 )
+from chexdist.data.samples import decode_gray, image_bytes, parse_labels
 from chexdist.errors import ChexdistError
 from chexdist.utils.distributed import make_accelerator
 from chexdist.utils.fileio import dumps_json

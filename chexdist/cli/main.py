@@ -101,7 +101,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_verify(args: argparse.Namespace) -> int:
-    from chexdist.data.pack import verify_shards
+    from chexdist.data.verify import verify_shards
 
     report = verify_shards(args.path, workers=args.workers)
     for problem in report["problems"]:

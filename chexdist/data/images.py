@@ -1,4 +1,4 @@
-"""Decode any PNG/JPEG chest X-ray to 8-bit grayscale, resize, and encode shard samples.
+"""Decode any PNG/JPEG chest X-ray to 8-bit grayscale, resize, encode shard samples, and summarize images.
 
 All functions are top-level and take/return plain numpy arrays or bytes so pack worker processes
 can use them directly. Pixel rules (chosen once, here, for every caller):
@@ -249,3 +249,27 @@ def decode_gray8(data: bytes, name: str | None = None) -> np.ndarray:
     except _DECODE_ERRORS as e:
         raise ImageDecodeError(_name(data, name), f"{type(e).__name__}: {e}") from e
     return load_gray8(data, name)
+
+
+# Input statistics packing records per image (manifest `image.stats`), so `chexdist predict` can flag
+# inputs unlike the training data.
+STAT_FIELDS = ("short_side", "aspect", "mean", "std")
+STAT_QUANTILES = {"min": 0.0, "p0.1": 0.001, "p1": 0.01, "median": 0.5, "p99": 0.99, "p99.9": 0.999, "max": 1.0}
+
+
+def image_statistics(original_shape: tuple[int, int], image: np.ndarray) -> list[float]:
+    """[shorter side, width/height of the decoded file; mean, std of the 8-bit image as packed]."""
+    height, width = original_shape
+    return [float(min(height, width)), round(width / height, 4), round(float(image.mean()), 3), round(float(image.std()), 3)]
+
+
+def summarize_statistics(rows: list[list[float]]) -> dict | None:
+    """Quantiles of each field of `image_statistics` over one split (None when none were recorded)."""
+    if not rows:
+        return None
+    table = np.asarray(rows, dtype=np.float64)
+    summary: dict = {"images": len(rows)}
+    for j, name in enumerate(STAT_FIELDS):
+        values = np.quantile(table[:, j], list(STAT_QUANTILES.values()))
+        summary[name] = {q: round(float(v), 4) for q, v in zip(STAT_QUANTILES, values)}
+    return summary

@@ -22,6 +22,10 @@ DATA_ENTRY_NAMES = (
     "Data_Entry_2017.csv",
 )
 BBOX_NAMES = ("BBox_List_2017.csv",)
+# The findings BBox_List_2017 has radiologist boxes for (8 of the 14), in chexdist's spelling.
+BBOX_FINDINGS = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
+)  # fmt: skip
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -1,4 +1,4 @@
-"""Pack an NIH-format download into WebDataset shards + manifest.json + errors.jsonl; verify them.
+"""Pack an NIH-format download into WebDataset shards + manifest.json + errors.jsonl (`chexdist.data.verify` re-checks them).
 
 Packing is deterministic (same inputs and settings -> byte-identical shards), parallel (each worker
 process decodes, resizes, encodes and writes whole shards, so no image bytes cross processes and the
@@ -13,7 +13,6 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,12 +23,12 @@ import pandas as pd
 from chexdist import __version__
 from chexdist.errors import ChexdistError
 from chexdist.utils.fileio import atomic_write_json, atomic_write_jsonl, dumps_json, sha256_file
-from chexdist.data.images import ImageDecodeError, decode_gray8, encode, load_gray8, resize_shorter
+from chexdist.data.images import ImageDecodeError, encode, image_statistics, load_gray8, resize_shorter, summarize_statistics
 from chexdist.labels import LABELS
 from chexdist.data.nih import NihRelease, load_release, missing_by_folder
 from chexdist.utils.progress import interactive
-from chexdist.data.shardformat import FORMAT_VERSION, MANIFEST, iter_tar, load_manifest, sample_offsets
-from chexdist.data.splits import METHODS, SPLITS, assign_split, check_no_leakage, describe_lists, read_split_list
+from chexdist.data.shardformat import FORMAT_VERSION, MANIFEST, positives, sample_offsets
+from chexdist.data.splits import METHODS, SPLITS, assign_split, describe_lists, read_split_list
 
 FORMATS = ("png", "jpg")
 ERRORS = "errors.jsonl"
@@ -185,28 +184,6 @@ def encode_sample(task: tuple[str, int, str, int]) -> tuple[bytes | None, str | 
         return None, f"unreadable: {exc}", None
 
 
-STAT_FIELDS = ("short_side", "aspect", "mean", "std")
-STAT_QUANTILES = {"min": 0.0, "p0.1": 0.001, "p1": 0.01, "median": 0.5, "p99": 0.99, "p99.9": 0.999, "max": 1.0}
-
-
-def image_statistics(original_shape: tuple[int, int], image: np.ndarray) -> list[float]:
-    """[shorter side, width/height of the decoded file; mean, std of the 8-bit image as packed]."""
-    height, width = original_shape
-    return [float(min(height, width)), round(width / height, 4), round(float(image.mean()), 3), round(float(image.std()), 3)]
-
-
-def summarize_statistics(rows: list[list[float]]) -> dict | None:
-    """Quantiles of each field of `image_statistics` over one split (None when none were recorded)."""
-    if not rows:
-        return None
-    table = np.asarray(rows, dtype=np.float64)
-    summary: dict = {"images": len(rows)}
-    for j, name in enumerate(STAT_FIELDS):
-        values = np.quantile(table[:, j], list(STAT_QUANTILES.values()))
-        summary[name] = {q: round(float(v), 4) for q, v in zip(STAT_QUANTILES, values)}
-    return summary
-
-
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -214,13 +191,6 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.mode = 0o644
     info.uname = info.gname = "chexdist"
     tar.addfile(info, io.BytesIO(data))
-
-
-def _positives(metas: Iterable[dict]) -> list[int]:
-    counts = np.zeros(len(LABELS), dtype=np.int64)
-    for meta in metas:
-        counts += np.asarray(meta["labels"], dtype=np.int64)
-    return counts.tolist()
 
 
 def _write_shard(out: Path, plan: ShardPlan, settings: PackSettings) -> dict:
@@ -255,7 +225,7 @@ def _write_shard(out: Path, plan: ShardPlan, settings: PackSettings) -> dict:
         "bytes": final.stat().st_size,
         "offsets": offsets,
         "patients": sorted({m["patient_id"] for m in metas}),
-        "positives": _positives(metas),
+        "positives": positives(metas),
         "errors": errors,
         "image_stats": stats,
     }
@@ -489,85 +459,6 @@ def _build_manifest(release: NihRelease, settings: PackSettings, source_sha: str
         "error_reasons": reasons,
         "splits": splits,
     }
-
-
-def _verify_shard(args: tuple[str, dict, str, str]) -> dict:
-    """Worker stage: re-hash one shard and read and decode it exactly as the training loader does."""
-    path, entry, split, fmt = args
-    problems: list[str] = []
-    name = Path(path).name
-    if not os.path.isfile(path):
-        return {"problems": [f"{name}: file missing"], "patients": [], "positives": [0] * len(LABELS), "samples": 0}
-    if sha256_file(path) != entry["sha256"]:
-        problems.append(f"{name}: sha256 differs from the manifest (corrupt or replaced)")
-    try:
-        groups = {sample["__key__"]: {k: v for k, v in sample.items() if not k.startswith("__")} for sample in iter_tar(path)}
-    except (tarfile.TarError, OSError, ValueError) as exc:
-        return {"problems": problems + [f"{name}: unreadable tar ({exc})"], "patients": [], "positives": [0] * len(LABELS), "samples": 0}
-    metas = []
-    for key, parts in groups.items():
-        if set(parts) != {"json", fmt}:
-            problems.append(f"{name}/{key}: has parts {sorted(parts)}, expected json and {fmt}")
-            continue
-        try:
-            meta = json.loads(parts["json"])
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            problems.append(f"{name}/{key}: json does not parse ({exc})")
-            continue
-        labels = meta.get("labels", [])
-        if len(labels) != len(LABELS) or any(v not in (0, 1) for v in labels):
-            problems.append(f"{name}/{key}: label vector {labels} is not {len(LABELS)} zeros/ones")
-        if meta.get("split") != split or Path(meta.get("image", "")).stem != key:
-            problems.append(f"{name}/{key}: json says split {meta.get('split')!r} image {meta.get('image')!r}")
-        try:
-            decode_gray8(parts[fmt])
-        except ImageDecodeError as exc:
-            problems.append(f"{name}/{key}: image does not decode ({exc})")
-        metas.append(meta)
-    if len(groups) != entry["samples"]:
-        problems.append(f"{name}: {len(groups)} samples, manifest says {entry['samples']}")
-    if "offsets" in entry and entry["offsets"] != sample_offsets(path):
-        problems.append(f"{name}: the manifest's sample offsets do not match the tar; re-pack this shard")
-    return {
-        "problems": problems,
-        "patients": sorted({m["patient_id"] for m in metas}),
-        "positives": _positives(metas),
-        "samples": len(metas),
-    }
-
-
-def verify_shards(shard_dir: str | os.PathLike, workers: int = 1) -> dict:
-    """Re-check everything the manifest claims. Returns {"ok", "problems", "samples"}."""
-    shard_dir = Path(shard_dir)
-    manifest = load_manifest(shard_dir)
-    fmt = manifest["image"]["format"]
-    jobs = [
-        (str(shard_dir / entry["name"]), entry, split, fmt)
-        for split, info in manifest["splits"].items()
-        for entry in info["shards"]
-    ]
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_verify_shard, jobs))
-    else:
-        results = [_verify_shard(job) for job in jobs]
-    problems = [p for r in results for p in r["problems"]]
-    patient_ids, split_of = [], []
-    for (_, _, split, _), result in zip(jobs, results):
-        patient_ids += result["patients"]
-        split_of += [split] * len(result["patients"])
-    try:
-        check_no_leakage(pd.Series(patient_ids, dtype="int64"), pd.Series(split_of, dtype="object"))
-    except ChexdistError as exc:
-        problems.append(str(exc))
-    for split, info in manifest["splits"].items():
-        mine = [r for (_, _, s, _), r in zip(jobs, results) if s == split]
-        positives = np.sum([r["positives"] for r in mine], axis=0).tolist() if mine else [0] * len(LABELS)
-        if dict(zip(LABELS, positives)) != info["positives"]:
-            problems.append(f"{split}: positives per label differ from the manifest")
-        if len({p for r in mine for p in r["patients"]}) != info["patients"]:
-            problems.append(f"{split}: patient count differs from the manifest")
-    return {"ok": not problems, "problems": problems, "samples": sum(r["samples"] for r in results), "shards": len(jobs)}
 
 
 def format_info(manifest: dict) -> str:

@@ -1,5 +1,6 @@
-"""The shard format, shared by the writer (`pack`) and the reader (`data`): file names, the manifest,
-shard locations (folders, URLs, `pipe:` templates) and reading one tar shard's samples.
+"""The shard format, shared by the writer (`chexdist.data.pack`) and the readers (`chexdist.data.loader`,
+`chexdist.data.verify`): file names, the manifest, shard locations (folders, URLs, `pipe:` templates)
+and reading one tar shard's samples.
 
 A shard is a WebDataset tar `{split}-{NNNNNN}.tar`; each sample is `{key}.png|jpg` (8-bit gray) plus
 `{key}.json`. `manifest.json` (written last) holds per-split shard records with sample counts and
@@ -12,12 +13,14 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any
 
+import numpy as np
+
 from chexdist.errors import ChexdistError
-from chexdist.labels import check_labels
+from chexdist.labels import LABELS, check_labels
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -123,6 +126,14 @@ def split_shards(manifest: dict, split: str, where: str = "manifest") -> list[di
         if not isinstance(entry.get("name"), str) or not isinstance(entry.get("samples"), int) or entry["samples"] < 0:
             raise ChexdistError(f"{where}: split {split!r} has a bad shard record {entry!r}")
     return shards
+
+
+def positives(metas: Iterable[dict]) -> list[int]:
+    """Positives per label (chexdist's order) of samples' metadata: a shard record's and a split's `positives`."""
+    counts = np.zeros(len(LABELS), dtype=np.int64)
+    for meta in metas:
+        counts += np.asarray(meta["labels"], dtype=np.int64)
+    return counts.tolist()
 
 
 def shard_urls(shard_dir: str | os.PathLike, split: str, manifest: dict | None = None) -> list[str]:
@@ -274,7 +285,7 @@ def iter_tar(
     Reading stops once `take` samples are out; `on_read(n)` sees every chunk read.
     A corrupt first header or a cut inside a member raises tarfile.ReadError, but tarfile takes a
     corrupt later header, or a cut between members, for the end of the archive: the shard just ends
-    early, so callers check the count against the manifest (`data._read_segments`).
+    early, so callers check the count against the manifest (as the loader's segment reader does).
     """
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 

@@ -35,17 +35,14 @@ from chexdist.errors import ChexdistError
 from chexdist.utils.fileio import atomic_write_text
 from chexdist.data.images import encode
 from chexdist.labels import LABELS, NO_FINDING, NUM_LABELS
-from chexdist.data.nih import DATA_ENTRY_COLUMNS, TEST_LIST, TRAIN_VAL_LIST
+from chexdist.data.nih import BBOX_FINDINGS, DATA_ENTRY_COLUMNS, TEST_LIST, TRAIN_VAL_LIST
 
 DATA_ENTRY = "Data_Entry_2017.csv"
 BBOX_LIST = "BBox_List_2017.csv"
 DATA_ENTRY_HEADER = ",".join(DATA_ENTRY_COLUMNS) + ","  # the 2017 file's trailing empty column
 BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
 ORIGINAL_SIZE = 1024
-# The real BBox_List covers these 8 findings only, and spells Infiltration "Infiltrate".
-BBOX_FINDINGS = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
-)  # fmt: skip
+# The real BBox_List spells Infiltration "Infiltrate".
 BBOX_SPELLING = {"Infiltration": "Infiltrate"}
 BBOX_IMAGE_FRACTION = 0.3
 

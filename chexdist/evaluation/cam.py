@@ -1,7 +1,7 @@
 """Grad-CAM heatmaps of an exported model, PNG overlays, and localization scores against
 radiologist boxes (pointing game, IoU of the thresholded map's box) with patient-bootstrap CIs.
 
-Grad-CAM is pytorch-grad-cam's (the `cam` extra) at `models.gradcam_target_layer`: DenseNet's
+Grad-CAM is pytorch-grad-cam's (the `cam` extra) at the models' `gradcam_target_layer`: DenseNet's
 `features` (taken after the functional ReLU the classifier pools), ResNet's `layer4`, EfficientNet's
 `bn2`, and for a ViT the last block's tokens reshaped to the patch grid (for a class-token ViT the
 block's `norm1`: its classifier reads only the class token of the block's output, so that output's
@@ -34,7 +34,7 @@ from chexdist.evaluation.inputs import Failure, InputPipeline, Prepared, expand_
 from chexdist.labels import LABELS
 from chexdist.evaluation.metrics import bootstrap_mean_ci
 from chexdist.models.arch import gradcam_target_layer
-from chexdist.data.synth import BBOX_FINDINGS
+from chexdist.data.nih import BBOX_FINDINGS
 
 NIH_BOX_FRAME = 1024  # BBox_List_2017 coordinates are pixels of the released 1024x1024 PNGs
 IOU_LEVELS = (0.1, 0.25, 0.5)
@@ -235,6 +235,80 @@ def _load_boxes(boxes: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
     return read_bbox_list(boxes)
 
 
+def _box_items(prepared: Prepared, boxes: pd.DataFrame, box_frame: int) -> tuple[list[tuple], int]:
+    """(prepared, class index, box in input pixels, its part inside the crop) per box of one image,
+    and how many boxes the crop removes entirely."""
+    items, outside = [], 0
+    for box in boxes[boxes["image"] == prepared.path.name].itertuples(index=False):
+        h0, w0 = prepared.geometry.original
+        fy, fx = (h0 / box_frame, w0 / box_frame) if box_frame else (1.0, 1.0)
+        full = prepared.geometry.to_input(box.x * fx, box.y * fy, box.w * fx, box.h * fy)
+        visible = clip_box(full, prepared.crop.shape)
+        if visible is None:
+            outside += 1
+            continue
+        items.append((prepared, LABELS.index(box.label), full, visible))
+    return items, outside
+
+
+def _score_box(prepared: Prepared, cls: int, full: tuple, visible: tuple, grid: np.ndarray, heat: np.ndarray,
+               logit: torch.Tensor, cam_threshold: float) -> tuple[dict, tuple[int, int, int, int] | None]:
+    """One box's record (pointing hit, map box, IoU) and the map's box."""
+    size = prepared.crop.shape
+    peak = peak_point(grid, size)
+    predicted = map_box(heat, cam_threshold)
+    area = (full[2] - full[0]) * (full[3] - full[1])
+    seen = (visible[2] - visible[0]) * (visible[3] - visible[1])
+    hit = peak is not None and visible[0] <= peak[0] <= visible[2] and visible[1] <= peak[1] <= visible[3]
+    row = {
+        "image": prepared.path.name,
+        "finding": LABELS[cls],
+        "probability": float(torch.sigmoid(logit[cls])),
+        "box": [round(v, 3) for v in visible],
+        "visible_fraction": seen / area if area > 0 else 0.0,
+        "box_area_fraction": seen / (size[0] * size[1]),
+        "peak": None if peak is None else [round(v, 3) for v in peak],
+        "hit": bool(hit),
+        "map_box": None if predicted is None else list(predicted),
+        "iou": box_iou(visible, predicted),
+    }
+    return row, predicted
+
+
+def _score_items(explainer: GradCam, items: list[tuple], device: torch.device, batch_size: int, cam_threshold: float,
+                 out: Path | None) -> list[dict]:
+    """Grad-CAM of each box's finding, in batches, scored against the box; overlays written to `out`."""
+    rows = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        maps, logits = explainer(torch.stack([p.input for p, *_ in chunk]).to(device), [c for _, c, *_ in chunk])
+        heat = upsample(maps, chunk[0][0].crop.shape)
+        for (prepared, cls, full, visible), grid, h, logit in zip(chunk, maps, heat, logits):
+            row, predicted = _score_box(prepared, cls, full, visible, grid, h, logit, cam_threshold)
+            rows.append(row)
+            if out is not None:
+                drawn = [(visible, GT_COLOUR)] + ([(predicted, MAP_COLOUR)] if predicted else [])
+                atomic_write_bytes(out / overlay_name(prepared.path, LABELS[cls]), overlay_png(prepared.crop, h, drawn))
+    return rows
+
+
+def _matched_boxes(boxes: str | os.PathLike | pd.DataFrame, images: Iterable[str | os.PathLike]) -> tuple[pd.DataFrame, pd.DataFrame, list[Path]]:
+    """(the boxes of the findings Grad-CAM scores, those of the given images, the images that have one)."""
+    table = _load_boxes(boxes)
+    files, _ = expand_inputs(images)
+    by_name = {f.name: f for f in files}
+    table = table[table["label"].isin(BBOX_FINDINGS)]
+    matched = table[table["image"].isin(by_name)]
+    return table, matched, sorted({by_name[n] for n in matched["image"]})
+
+
+def _check_localize_options(cam_threshold: float, box_frame: int) -> None:
+    if not 0.0 < cam_threshold < 1.0:
+        raise ChexdistError(f"cam threshold {cam_threshold} must be in (0, 1)")
+    if box_frame < 0:
+        raise ChexdistError(f"box frame {box_frame} must be >= 0 (0: boxes in the files' own pixels)")
+
+
 def localize(
     run: Any,
     images: Iterable[str | os.PathLike],
@@ -251,30 +325,25 @@ def localize(
 ) -> dict[str, Any]:
     """Score Grad-CAM of each box's finding against the box, for the given images (files/folders).
 
-    `run`: a run folder or an `inference.LoadedRun`. `boxes`: BBox_List_2017.csv (or its table);
-    coordinates are pixels of a `box_frame` x `box_frame` image (NIH's 1024 PNGs) and are scaled to
-    each file's size (so downsampled copies of the release work); `box_frame=0` means the files' own
-    pixels. Per finding and over all: pointing-game hit rate and mean IoU of the map's box (region at
-    >= `cam_threshold` of the maximum) with `level` bootstrap CIs that resample patients, the hit
-    rate of a uniformly random point (`chance_hit_rate`), and the share of boxes with IoU >= 0.1,
-    0.25, 0.5. With `out_dir`, one overlay per box (box green, map box white). JSON-able result.
-    `n_boot` and `level` default to the run's `eval.bootstrap` and `eval.ci_level`, as in evaluate.
+    `run`: a run folder or a `chexdist.evaluation.inference.LoadedRun`. `boxes`: BBox_List_2017.csv
+    (or its table); coordinates are pixels of a `box_frame` x `box_frame` image (NIH's 1024 PNGs) and
+    are scaled to each file's size (so downsampled copies of the release work); `box_frame=0` means
+    the files' own pixels. Per finding and over all: pointing-game hit rate and mean IoU of the map's
+    box (region at >= `cam_threshold` of the maximum) with `level` bootstrap CIs that resample
+    patients, the hit rate of a uniformly random point (`chance_hit_rate`), and the share of boxes
+    with IoU >= 0.1, 0.25, 0.5. With `out_dir`, one overlay per box (box green, map box white).
+    JSON-able result. `n_boot` and `level` default to the run's `eval.bootstrap` and
+    `eval.ci_level`, as in evaluate.
     """
+    from tqdm.auto import tqdm
+
     from chexdist.evaluation.inference import LoadedRun, load_run
 
-    if not 0.0 < cam_threshold < 1.0:
-        raise ChexdistError(f"cam threshold {cam_threshold} must be in (0, 1)")
-    if box_frame < 0:
-        raise ChexdistError(f"box frame {box_frame} must be >= 0 (0: boxes in the files' own pixels)")
+    _check_localize_options(cam_threshold, box_frame)
     loaded = run if isinstance(run, LoadedRun) else load_run(run)
     n_boot = loaded.config.eval.bootstrap if n_boot is None else n_boot
     level = loaded.config.eval.ci_level if level is None else level
-    table = _load_boxes(boxes)
-    files, _ = expand_inputs(images)
-    by_name = {f.name: f for f in files}
-    table = table[table["label"].isin(BBOX_FINDINGS)]
-    matched = table[table["image"].isin(by_name)]
-    wanted = sorted({by_name[n] for n in matched["image"]})
+    table, matched, wanted = _matched_boxes(boxes, images)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         check_unique_names(wanted)
@@ -285,8 +354,6 @@ def localize(
     rows: list[dict] = []
     failures: list[Failure] = []
     outside = 0
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(wanted), desc="localize", unit="img", disable=None if progress else True)
     with GradCam(loaded.model) as explainer:
         for batch in iter_prepared(pipeline, wanted, batch_size):
@@ -296,41 +363,10 @@ def localize(
                 if isinstance(prepared, Failure):
                     failures.append(prepared)
                     continue
-                for box in matched[matched["image"] == prepared.path.name].itertuples(index=False):
-                    h0, w0 = prepared.geometry.original
-                    fy, fx = (h0 / box_frame, w0 / box_frame) if box_frame else (1.0, 1.0)
-                    full = prepared.geometry.to_input(box.x * fx, box.y * fy, box.w * fx, box.h * fy)
-                    visible = clip_box(full, prepared.crop.shape)
-                    if visible is None:
-                        outside += 1
-                        continue
-                    items.append((prepared, LABELS.index(box.label), full, visible))
-            for start in range(0, len(items), batch_size):
-                chunk = items[start : start + batch_size]
-                maps, logits = explainer(torch.stack([p.input for p, *_ in chunk]).to(device), [c for _, c, *_ in chunk])
-                heat = upsample(maps, chunk[0][0].crop.shape)
-                for (prepared, cls, full, visible), grid, h, logit in zip(chunk, maps, heat, logits):
-                    size = prepared.crop.shape
-                    peak = peak_point(grid, size)
-                    predicted = map_box(h, cam_threshold)
-                    area = (full[2] - full[0]) * (full[3] - full[1])
-                    seen = (visible[2] - visible[0]) * (visible[3] - visible[1])
-                    hit = peak is not None and visible[0] <= peak[0] <= visible[2] and visible[1] <= peak[1] <= visible[3]
-                    rows.append({
-                        "image": prepared.path.name,
-                        "finding": LABELS[cls],
-                        "probability": float(torch.sigmoid(logit[cls])),
-                        "box": [round(v, 3) for v in visible],
-                        "visible_fraction": seen / area if area > 0 else 0.0,
-                        "box_area_fraction": seen / (size[0] * size[1]),
-                        "peak": None if peak is None else [round(v, 3) for v in peak],
-                        "hit": bool(hit),
-                        "map_box": None if predicted is None else list(predicted),
-                        "iou": box_iou(visible, predicted),
-                    })
-                    if out is not None:
-                        drawn = [(visible, GT_COLOUR)] + ([(predicted, MAP_COLOUR)] if predicted else [])
-                        atomic_write_bytes(out / overlay_name(prepared.path, LABELS[cls]), overlay_png(prepared.crop, h, drawn))
+                found, lost = _box_items(prepared, matched, box_frame)
+                items += found
+                outside += lost
+            rows += _score_items(explainer, items, device, batch_size, cam_threshold, out)
     bar.close()
     _, resampled = _groups([r["image"] for r in rows])
     return {

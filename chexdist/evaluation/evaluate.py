@@ -12,6 +12,7 @@ matplotlib installed, roc.png, pr.png and calibration.png.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import math
@@ -24,7 +25,7 @@ import numpy as np
 
 from chexdist import __version__
 from chexdist.errors import ChexdistError
-from chexdist.utils.fileio import atomic_write_bytes, atomic_write_text
+from chexdist.utils.fileio import atomic_save_figure, atomic_write_text
 from chexdist.evaluation.inference import load_run, predict_split
 from chexdist.labels import LABELS
 from chexdist.evaluation.metrics import (
@@ -280,19 +281,11 @@ def _panels(title: str):
     return plt, fig, axes.ravel()
 
 
-def _save(plt, fig, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def draw_figures(out: Path, probs: np.ndarray, targets: np.ndarray, summary: dict[str, Any], title: str,
                  labels=LABELS) -> list[str]:
-    """roc.png, pr.png (14 panels each) and calibration.png; [] when matplotlib is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    """roc.png, pr.png (14 panels each) and calibration.png; [] when matplotlib is missing (an install
+    from before it joined the base dependencies)."""
+    if importlib.util.find_spec("matplotlib") is None:
         return []
     figures = {"roc.png": "ROC", "pr.png": "precision-recall", "calibration.png": "reliability"}
     for filename, kind in figures.items():
@@ -330,7 +323,8 @@ def draw_figures(out: Path, probs: np.ndarray, targets: np.ndarray, summary: dic
                 ax.set_ylabel("precision", fontsize=8)
                 ax.text(0.35, 0.92, f"AP {_ci_text(entry['ap'])}", fontsize=8, transform=ax.transAxes)
         axes[-1].axis("off")
-        _save(plt, fig, out / filename)
+        atomic_save_figure(fig, out / filename, dpi=90)
+        plt.close(fig)
     return list(figures)
 
 

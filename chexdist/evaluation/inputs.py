@@ -1,8 +1,8 @@
 """Image files as an exported run's model input, exactly as its training data was prepared.
 
-A file goes through packing's decoding and resize (`images.load_gray8` + `resize_shorter` to the
-run's packed size, and a JPEG round trip when the shards were JPEG), then the run's eval transform
-(Resize + CenterCrop + normalization). `Geometry` maps original-pixel coordinates (radiologist
+A file goes through packing's decoding and resize (`chexdist.data.images.load_gray8` +
+`resize_shorter` to the run's packed size, and a JPEG round trip when the shards were JPEG), then
+the run's eval transform (Resize + CenterCrop + normalization). `Geometry` maps original-pixel coordinates (radiologist
 boxes) into the model's input crop. `unlike_training` compares a file with the statistics packing
 recorded for the training split, so `chexdist predict` can warn about inputs the model never saw.
 """
@@ -21,9 +21,8 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from chexdist.errors import ChexdistError
-from chexdist.data.images import encode, load_gray8, resize_shorter
+from chexdist.data.images import encode, image_statistics, load_gray8, resize_shorter
 from chexdist.data.nih import IMAGE_SUFFIXES
-from chexdist.data.pack import image_statistics
 from chexdist.data.transforms import split_normalization
 
 # A colour file whose channels differ by more than this (mean absolute gray levels) holds real colour.
@@ -118,7 +117,7 @@ class InputPipeline:
         original = load_gray8(path)
         image = resize_shorter(original, self.size) if self.size else original
         if self.format == "jpg":
-            from chexdist.data.loader import decode_gray
+            from chexdist.data.samples import decode_gray
 
             image = decode_gray(encode(image, "jpg", self.quality)).numpy()[0]
         return image, original.shape

@@ -230,7 +230,7 @@ def tune_thresholds(
 def _ranking(
     scores: np.ndarray, positive: np.ndarray, group_index: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """What ``_Resampler`` needs of one class, independent of the draws.
+    """What ``Resampler`` needs of one class, independent of the draws.
 
     Returns the groups of the positives in rank order, where each tie block with a positive starts
     among them, the groups of the negatives in rank order, and per such block how many negatives
@@ -248,7 +248,7 @@ def _ranking(
     return ranked_groups[is_pos], first, ranked_groups[~is_pos], above, through
 
 
-class _Resampler:
+class Resampler:
     """AUROC, AP, F1, precision, recall and specificity [B, C] of B resamples given as how often each group was drawn ([B, G]).
 
     Drawing a group k times is the same as repeating its images k times, so each resample is the
@@ -391,7 +391,7 @@ def bootstrap_ci(
     t = threshold_array(thresholds, names)
     group_index = _group_index(groups, p.shape[0], n_boot, level)
     n_groups = int(group_index.max()) + 1
-    resampled = _Resampler(p, y, group_index, t)
+    resampled = Resampler(p, y, group_index, t)
     if method == "bca":
         result, n_used = _bca_intervals(resampled, n_groups, n_boot, seed, level, names)
         result.update(n_boot=int(n_boot), level=float(level), seed=int(seed), n_groups=n_groups, n_used=n_used, method=method)
@@ -429,7 +429,7 @@ def _counts_from_indices(indices: np.ndarray, n_groups: int) -> np.ndarray:
     return np.bincount((indices + offsets).ravel(), minlength=rows * n_groups).reshape(rows, n_groups)
 
 
-def _bca_intervals(resampled: _Resampler, n_groups: int, n_boot: int, seed: int, level: float,
+def _bca_intervals(resampled: Resampler, n_groups: int, n_boot: int, seed: int, level: float,
                    names: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """BCa intervals from scipy.stats.bootstrap, resampling PATIENTS: the data handed to scipy are
     the patient indices, so its resamples and its jackknife (leave one patient out) are patient-level,
@@ -493,7 +493,7 @@ def paired_bootstrap_auc(
     group_index = _group_index(groups, pa.shape[0], n_boot, level)
     n_groups = int(group_index.max()) + 1
     t = threshold_array(None, names)
-    model_a, model_b = _Resampler(pa, y, group_index, t), _Resampler(pb, y, group_index, t)
+    model_a, model_b = Resampler(pa, y, group_index, t), Resampler(pb, y, group_index, t)
     ones = np.ones((1, n_groups), dtype=np.int64)
     point_a, point_b = model_a(ones)["auc"][0], model_b(ones)["auc"][0]
     diffs = []

@@ -3,29 +3,47 @@ final name, and every JSON file chexdist writes parses with a strict parser (no 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+@contextlib.contextmanager
+def _atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A binary file to write `path`'s new content into: a temp file in the same folder, synced and
+    renamed over `path` when the block ends, removed if it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with _atomic_file(path) as f:
+        f.write(data)
+
+
+def atomic_save_figure(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> None:
+    """`fig.savefig` without a half-written image under `path`; the format follows the suffix unless
+    given. The figure stays open (the caller closes it)."""
+    savefig_kwargs.setdefault("format", Path(path).suffix.lstrip(".").lower() or "png")
+    with _atomic_file(path) as f:
+        fig.savefig(f, **savefig_kwargs)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
