@@ -97,7 +97,8 @@ def _refuse(exc: ChexdistError, same_on_all_ranks: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from chexdist.training.launcher import follow_launcher, hold_stop_signals, process_group_released
+    from chexdist.training.launcher import follow_launcher, process_group_released
+    from chexdist.utils.stopsignals import hold_stop_signals
 
     with hold_stop_signals(), process_group_released():
         follow_launcher()

@@ -2,7 +2,7 @@
 step and Ctrl-C the whole foreground process group, yet only the training process may decide to stop.
 
 Each run is a script in its own session (so pytest is not signalled) that trains nothing: under the
-engine's StopFlag it reads one train epoch through a `pipe:cat` template, and after a few batches
+loop's StopFlag (`chexdist.utils.stopsignals`) it reads one train epoch through a `pipe:cat` template, and after a few batches
 signals its whole process group (readers and workers included): SIGUSR1 and SIGINT itself, then
 SIGTERM by `kill` from another session."""
 
@@ -83,7 +83,7 @@ def read_epoch(root: Path, context: str | None, workers: int, signal_at: int = -
 
 def main() -> None:
     """The signalled run (in its own session): python -c 'from tests.test_reader_signals import main; main()' ROOT CONTEXT WORKERS [die]."""
-    from chexdist.training.engine import StopFlag
+    from chexdist.utils.stopsignals import StopFlag
 
     root, context, workers = Path(sys.argv[1]), sys.argv[2] or None, int(sys.argv[3])
     with StopFlag() as stop:

@@ -140,14 +140,14 @@ PRECISION_PROBE = """
 import contextlib, io, json, os, sys
 from accelerate.state import AcceleratorState
 from chexdist.config import load_config
-from chexdist.training.engine import _make_accelerator
+from chexdist.training.engine import accelerator_for
 for precision, launcher, _, _ in json.loads(sys.argv[1]):
     os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
     if launcher:
         os.environ["ACCELERATE_MIXED_PRECISION"] = launcher
     said = io.StringIO()
     with contextlib.redirect_stdout(said):
-        acc = _make_accelerator(load_config("tiny", overrides=[f"train.precision={precision}"]))
+        acc = accelerator_for(load_config("tiny", overrides=[f"train.precision={precision}"]))
     print(json.dumps([str(acc.mixed_precision), "the launcher's --mixed_precision" in said.getvalue()]))
     AcceleratorState._reset_state(reset_partial_state=True)
 """

@@ -669,8 +669,9 @@ def train_suite(model: str = "resnet18", image_size: int = 128, batch_size: int 
     import copy
 
     from chexdist.config import load_config
-    from chexdist.training.checkpoint import TrainState
-    from chexdist.training.engine import Checkpointer, StopFlag, train_epoch
+    from chexdist.training.checkpoint import Checkpointer, TrainState
+    from chexdist.training.engine import train_epoch
+    from chexdist.utils.stopsignals import StopFlag
     from chexdist.training.losses import build_loss
     from chexdist.models.factory import create_model
     from chexdist.training.optim import build_optimizer

@@ -139,12 +139,13 @@ def run_training(args: argparse.Namespace) -> int:
     `preflight` that `fit` runs, so bad input is refused once, before any worker starts."""
     if args.nproc < 1:
         raise ChexdistError(f"--nproc must be >= 1, got {args.nproc}")
-    from chexdist.training.launcher import hold_stop_signals, run_workers
+    from chexdist.training.launcher import run_workers
+    from chexdist.utils.stopsignals import hold_stop_signals
 
     with hold_stop_signals():  # a stop signal during the imports and checks still ends in a checkpoint
         import torch
 
-        from chexdist.training.engine import preflight
+        from chexdist.training.preflight import preflight
         from chexdist.train import resolve_config, training_function
 
         config = resolve_config(args)

@@ -14,9 +14,7 @@ import copy
 import logging
 import math
 import os
-import shutil
 import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -29,33 +27,28 @@ import numpy as np
 import torch
 
 from chexdist import __version__
-from chexdist.config import BatchPlan, Config, config_from_dict, config_to_dict, eval_crop_warning, load_yaml, resolve_batch, save_config
+from chexdist.config import BatchPlan, Config, eval_crop_warning, resolve_batch, save_config
 from chexdist.data.loader import build_train_loader
-from chexdist.errors import ChexdistError, NonFiniteLoss, Preempted, SameOnAllRanks
-from chexdist.training.checkpoint import SHAPE_KEYS, TrainState, checkpoint_name, list_checkpoints
-from chexdist.runs import METRICS_FILE, best_info, export_best, read_metrics
-from chexdist.utils.distributed import make_accelerator
-from chexdist.utils.fileio import append_jsonl, atomic_write_json, atomic_write_jsonl
+from chexdist.data.transforms import build_transform, eval_transform
+from chexdist.errors import ChexdistError, NonFiniteLoss, Preempted
 from chexdist.evaluation.inference import predict_split, split_loader
-from chexdist.training.losses import build_loss, pos_weight_from_counts
 from chexdist.evaluation.metrics import per_class_metrics, tune_thresholds
 from chexdist.models.arch import resolve_normalization
 from chexdist.models.factory import create_model
+from chexdist.runs import METRICS_FILE, best_info, export_best, read_metrics
+from chexdist.training.checkpoint import Checkpointer, TrainState
+from chexdist.training.losses import build_loss, pos_weight_from_counts
 from chexdist.training.optim import build_optimizer, build_scheduler, step_scheduler
+from chexdist.training.preflight import agreed_preflight
+from chexdist.utils.distributed import make_accelerator
+from chexdist.utils.fileio import append_jsonl, atomic_write_json, atomic_write_jsonl
 from chexdist.utils.progress import EpochProgress
-from chexdist.data.shardformat import load_manifest, split_shards
-from chexdist.utils.stopsignals import STOP_SIGNALS
-from chexdist.data.transforms import build_transform, eval_transform
+from chexdist.utils.stopsignals import StopFlag
 
 log = logging.getLogger("chexdist")
 
 CHECK_EVERY = 10  # optimizer steps between the cross-rank checks for preemption and non-finite loss
-# Keys a --resume may change. data.num_workers changes the data plan: allowed at an epoch boundary,
-# refused mid-epoch by the shape check (see SHAPE_KEYS).
-RESUMABLE_KEYS = {"train.epochs", "data.num_workers", "data.shards", "eval.bootstrap", "train.log_every_s"}
 PREEMPTED_MARKER = "PREEMPTED"  # in the run folder while the run waits for --resume after a signal
-# What an epoch's data plan and step grouping depend on besides the config: stored in
-# trainer_state.pt, compared on --resume (TrainState field -> how the user sets it).
 # Accelerate types whose state this loop handles (DDP or one process); FSDP/DeepSpeed/XLA/Megatron
 # shard or place state differently (export_best on the main process alone would deadlock).
 SUPPORTED_DISTRIBUTED = {"NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA",
@@ -74,211 +67,6 @@ class FitResult:
     world_size: int
     is_main_process: bool
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-class StopFlag:
-    """Records the first SIGTERM/SIGUSR1 (SLURM preemption) or SIGINT (Ctrl-C) so the loop checkpoints
-    at the next safe point. After a SIGINT, SIGINT gets its default action again, so a second Ctrl-C
-    ends the process at once (a checkpoint is written under a temp name, so none is left half-done).
-    Shard readers and DataLoader workers receive these signals too and ignore them: the loop's rank
-    acts (`chexdist.utils.stopsignals`)."""
-
-    SIGNALS = STOP_SIGNALS
-
-    def __init__(self, announce: bool = True) -> None:
-        self.signum = 0
-        self.announce = announce
-        self._pid = os.getpid()
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def raised(self) -> bool:
-        return self.signum != 0
-
-    def __enter__(self) -> StopFlag:
-        from chexdist.training.launcher import held_stop_signals
-
-        if _in_main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            for signum in held_stop_signals():  # arrived while train.py was starting
-                self._handle(signum, None)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if os.getpid() != self._pid:
-            return
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-        if self.signum:
-            return
-        self.signum = signum
-        if self.announce:
-            again = "; Ctrl-C again aborts without saving" if signum == signal.SIGINT else ""
-            log.warning("received %s: will checkpoint and stop at the next safe point%s", signal.Signals(signum).name, again)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-# ------------------------------------------------------------------------------------- checkpoints
-
-
-class Checkpointer:
-    """Accelerate `save_state` (model, optimizer, scaler, RNG per rank) plus our loop state and
-    scheduler in `trainer_state.pt`, all loadable with weights_only=True. A checkpoint is written
-    under a temp name and renamed into place when complete; the last `keep` are kept."""
-
-    STATE_FILE = "trainer_state.pt"
-
-    def __init__(self, accelerator, out: Path, state: TrainState, scheduler, keep: int):
-        self.accelerator, self.out, self.state, self.scheduler, self.keep = accelerator, out, state, scheduler, keep
-
-    def save(self) -> Path:
-        acc = self.accelerator
-        final = self.out / "checkpoints" / checkpoint_name(self.state)
-        temp = final.with_name(f".tmp-{final.name}")
-        if acc.is_main_process and temp.exists():
-            shutil.rmtree(temp)
-        acc.wait_for_everyone()
-        acc.save_state(str(temp), safe_serialization=True)
-        if acc.is_main_process:
-            torch.save({"train_state": self.state.state_dict(), "scheduler": self.scheduler.state_dict()}, temp / self.STATE_FILE)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(temp, final)
-            for old in list_checkpoints(self.out)[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
-
-    @classmethod
-    def check_complete(cls, path: Path) -> None:
-        if not (path / cls.STATE_FILE).is_file():
-            raise ChexdistError(f"{path}: not a complete chexdist checkpoint (no {cls.STATE_FILE})")
-
-    def load(self, path: Path, seed: int) -> None:
-        """Restore `path` into a run whose state holds the current shape (SHAPE_KEYS).
-
-        Another shape is allowed at an epoch boundary and said in one line; mid-epoch it is refused
-        (the rest of the epoch was planned for the old shape). RNG states are restored only on the
-        same world size with every rank's file present; otherwise each rank is reseeded from
-        (seed, epoch, rank) and that is said in one line, instead of Accelerate's silent skip.
-        """
-        acc = self.accelerator
-        self.check_complete(path)
-        saved = torch.load(path / self.STATE_FILE, map_location="cpu", weights_only=True)
-        now = {k: getattr(self.state, k) for k in SHAPE_KEYS}
-        was = {k: saved["train_state"].get(k, 0) for k in SHAPE_KEYS}
-        changed = {k: (was[k], now[k]) for k in SHAPE_KEYS if was[k] and was[k] != now[k]}
-        mid_epoch = saved["train_state"].get("batch", 0) > 0
-        if changed and mid_epoch:
-            raise ChexdistError(_shape_refusal(path, saved["train_state"], changed))
-        if changed:
-            acc.print(f"resuming at an epoch boundary on another shape ({_describe(changed)}): the next epochs are planned for the new one")
-        elif mid_epoch and not was["world_size"]:
-            acc.print(f"{path}: checkpoint predates shape recording; assuming it was saved on this shape")
-        rng_files = sorted(path.glob("random_states_*.pkl"))
-        acc.load_state(str(path))
-        self.state.load_state_dict(saved["train_state"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        expected = [path / f"random_states_{r}.pkl" for r in range(acc.num_processes)]
-        if not all(f in rng_files for f in expected) or len(rng_files) != acc.num_processes:
-            from accelerate.utils import set_seed
-
-            set_seed(int(np.random.SeedSequence([seed, self.state.epoch, acc.process_index]).generate_state(1)[0]))
-            acc.print(
-                f"RNG states not restored: {path.name} holds {len(rng_files)} rank state(s), this run has "
-                f"{acc.num_processes} process(es); each rank reseeded from (train.seed, epoch, rank)"
-            )
-        for key, value in now.items():
-            setattr(self.state, key, value)
-
-
-def _describe(changed: dict[str, tuple[int, int]]) -> str:
-    return ", ".join(f"{SHAPE_KEYS[k]} {old} -> {new}" for k, (old, new) in changed.items())
-
-
-def _shape_refusal(path: Path, saved: dict[str, Any], changed: dict[str, tuple[int, int]]) -> str:
-    old = {k: saved[k] for k in SHAPE_KEYS}
-    return (
-        f"{path}: saved mid-epoch (epoch {saved['epoch'] + 1}, batch {saved['batch']}) on another shape "
-        f"({_describe(changed)}); the rest of that epoch is planned for the old shape, so resume it with "
-        f"{old['world_size']} process(es) and data.num_workers={old['num_workers']} (per-process batch "
-        f"{old['batch_size']}, train.grad_accum {old['grad_accum']}); from the next epoch-boundary checkpoint on, "
-        "any shape can resume"
-    )
-
-
-def _resolve_resume(out: Path, resume: bool | str | None) -> Path | None:
-    """The checkpoint to continue from: `latest` (or True) must find one, `auto` starts fresh when
-    there is none (SLURM requeue scripts pass it on every start), anything else is a folder."""
-    if not resume:
-        return None
-    if resume is True or resume in ("latest", "auto"):
-        found = list_checkpoints(out)
-        if found:
-            return found[-1]
-        if resume == "auto":
-            return None
-        raise ChexdistError(f"{out}: --resume found no checkpoint under {out / 'checkpoints'}; use --resume auto to start fresh when there is none")
-    path = Path(resume)
-    if not path.is_dir():
-        raise ChexdistError(f"--resume {path}: not a checkpoint folder")
-    Checkpointer.check_complete(path)
-    return path
-
-
-@dataclass
-class Preflight:
-    """What `preflight` checked and decided: the manifest, and the checkpoint to resume (None: fresh)."""
-
-    manifest: dict
-    resume_from: Path | None
-
-
-def preflight(config: Config, out: str | os.PathLike, resume: bool | str | None) -> Preflight:
-    """Every check that needs no process group: config, shards manifest, run folder against --resume,
-    resume state. `chexdist train --nproc N` runs it before starting any worker; `fit` runs it on rank 0."""
-    out = Path(out)
-    if not config.data.shards:
-        raise ChexdistError("config key 'data.shards' is empty; pass --shards DIR or --set data.shards=DIR")
-    manifest = load_manifest(config.data.shards)
-    for split in ("train", "val"):
-        if sum(entry["samples"] for entry in split_shards(manifest, split, str(config.data.shards))) == 0:
-            raise ChexdistError(f"{config.data.shards}: the {split} split is empty; repack with a {split} split")
-    resume_from = _resolve_resume(out, resume)
-    if resume_from is None and resume != "auto" and list_checkpoints(out):
-        raise ChexdistError(f"{out}: already has checkpoints; pass --resume to continue it or choose a new --out")
-    if resume_from is not None:
-        _check_resume_config(out, config)
-    return Preflight(manifest, resume_from)
-
-
-def _agreed_preflight(accelerator, config: Config, out: Path, resume: bool | str | None) -> Preflight:
-    """Rank 0 runs `preflight` and every rank follows its answer, so nodes never disagree about the
-    run folder (which checkpoint is latest, whether there is one). Multi-node needs a shared filesystem."""
-    if accelerator.num_processes == 1:
-        return preflight(config, out, resume)
-    from accelerate.utils import broadcast_object_list
-
-    answer: list[Preflight | str | None] = [None]
-    if accelerator.is_main_process:
-        try:
-            answer[0] = preflight(config, out, resume)
-        except ChexdistError as exc:
-            answer[0] = str(exc)
-    broadcast_object_list(answer)
-    if isinstance(answer[0], str):
-        raise SameOnAllRanks(answer[0])
-    return answer[0]
 
 
 def _agreed_signal(accelerator, stop: StopFlag) -> int:
@@ -314,38 +102,7 @@ def clear_preempted(out: Path) -> None:
     (out / PREEMPTED_MARKER).unlink(missing_ok=True)
 
 
-def _check_resume_config(out: Path, config: Config) -> None:
-    saved_path = out / "config.yaml"
-    if not saved_path.is_file():
-        return
-    saved = _flatten(config_to_dict(config_from_dict(load_yaml(saved_path, "run config"))))
-    now = _flatten(config_to_dict(config))
-    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in RESUMABLE_KEYS)
-    if changed:
-        first = changed[0]
-        raise ChexdistError(
-            f"{saved_path}: --resume with changed settings ({', '.join(changed[:5])}; e.g. {first} was "
-            f"{saved.get(first)!r}, now {now.get(first)!r}); resume with the run's settings or use a new --out"
-        )
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-# --------------------------------------------------------------------------------- best export
-
-
-# ----------------------------------------------------------------------------------- the loop
-
-
-def _make_accelerator(config: Config):
+def accelerator_for(config: Config):
     """Accelerator with train.precision passed explicitly: the launcher's --mixed_precision, the
     environment and the accelerate config apply only with train.precision=auto."""
     return make_accelerator(None if config.train.precision == "auto" else config.train.precision)
@@ -454,27 +211,74 @@ def fit(
     checkpoint folder. On SIGTERM/SIGUSR1/SIGINT it saves at the next safe point (the next cross-rank
     check in an epoch, or right after validation or a save), writes OUT/PREEMPTED and raises Preempted;
     NonFiniteLoss on nan/inf; ChexdistError for anything `preflight` refuses."""
-    accelerator = accelerator or _make_accelerator(config)
+    accelerator = accelerator or accelerator_for(config)
     with StopFlag(announce=accelerator.is_main_process) as stop:
         return _fit(config, Path(out), resume, report, accelerator, progress, stop)
 
 
-def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, progress: bool, stop: StopFlag) -> FitResult:
-    checked = _agreed_preflight(accelerator, config, out, resume)
-    manifest, resume_from = checked.manifest, checked.resume_from
-    _check_accelerator(accelerator, config)
-    from accelerate.utils import set_seed
+@dataclass
+class _Run:
+    """What `fit` builds before its first epoch (torchtitan's trainer components), in one place so that
+    each step of the run reads as a function of it."""
 
+    config: Config  # as asked: config.yaml and best.json record it
+    run_config: Config  # what the loop runs: per-process batch and accumulation as resolved
+    out: Path
+    accelerator: Any
+    manifest: dict
+    batch: BatchPlan
+    precision: str
+    normalization: Any
+    model: Any
+    optimizer: Any
+    criterion: Any
+    scheduler: Any
+    state: TrainState
+    checkpointer: Checkpointer
+
+
+def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, progress: bool, stop: StopFlag) -> FitResult:
+    checked = agreed_preflight(accelerator, config, out, resume)
+    _check_accelerator(accelerator, config)
+    _set_backend_flags(config, accelerator)
+    run = _build(config, out, accelerator, checked.manifest)
+    if checked.resume_from is not None:
+        _resume(run, checked.resume_from)
+    _open_run_folder(run)
+    history = _resumed_history(out, run.state.epoch, accelerator.is_main_process)
+    loader, num_batches, val_loader = _loaders(run)
+    state, stopped_early = run.state, False
+    while state.epoch < config.train.epochs:
+        loader.set_epoch(state.epoch, start_batch=state.batch)
+        train_epoch(run.model, run.optimizer, run.criterion, accelerator, run.run_config, loader, num_batches, state, stop,
+                    run.checkpointer, progress)
+        record = _close_epoch(run, _validate(run.model, accelerator, run.criterion, run.run_config, run.manifest, val_loader))
+        history.append(record)
+        saved = run.checkpointer.save()
+        if report is not None:
+            report(record)
+        if stopped_early := _early_stop(run):
+            break
+        if state.epoch < config.train.epochs and (signum := _agreed_signal(accelerator, stop)):
+            _stop(run.checkpointer, saved, signum)  # a signal during validation, export_best or the save
+    return _finish(run, history, stopped_early)
+
+
+def _set_backend_flags(config: Config, accelerator) -> None:
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     elif accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    world, rank = accelerator.num_processes, accelerator.process_index
-    precision = str(accelerator.mixed_precision)
-    batch = resolve_batch(config, world)
-    run_config = _with_batch(config, batch)
 
+
+def _build(config: Config, out: Path, accelerator, manifest: dict) -> _Run:
+    """Model, loss, optimizer and scheduler from `config`, prepared by Accelerate, with a fresh loop
+    state. Seeded with train.seed (the same initial weights on every rank), then train.seed + rank."""
+    from accelerate.utils import set_seed
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    batch = resolve_batch(config, world)
     set_seed(config.train.seed)
     model = create_model(
         config.model.name, pretrained=config.model.pretrained, drop_rate=config.model.drop_rate, head=config.model.head
@@ -489,23 +293,36 @@ def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, 
     state = TrainState(world_size=world, num_workers=config.data.num_workers, batch_size=batch.batch_size, grad_accum=batch.grad_accum)
     checkpointer = Checkpointer(accelerator, out, state, scheduler, config.train.keep_checkpoints)
     set_seed(config.train.seed + rank)
+    return _Run(config, _with_batch(config, batch), out, accelerator, manifest, batch, str(accelerator.mixed_precision),
+                normalization, model, optimizer, criterion, scheduler, state, checkpointer)
 
-    if resume_from is not None:
-        checkpointer.load(resume_from, config.train.seed)
-        accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.step}, batch {state.batch})")
+
+def _resume(run: _Run, checkpoint: Path) -> None:
+    state = run.state
+    run.checkpointer.load(checkpoint, run.config.train.seed)
+    run.accelerator.print(f"resumed from {checkpoint} (epoch {state.epoch}, step {state.step}, batch {state.batch})")
+
+
+def _open_run_folder(run: _Run) -> None:
+    """Write config.yaml, clear a PREEMPTED marker (rank 0), and say what runs and how."""
+    accelerator, config, batch = run.accelerator, run.config, run.batch
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-        clear_preempted(out)
-    accelerator.print(_banner(config, accelerator, precision, train_info["samples"]))
+        run.out.mkdir(parents=True, exist_ok=True)
+        save_config(config, run.out / "config.yaml")
+        clear_preempted(run.out)
+    accelerator.print(_banner(config, accelerator, run.precision, run.manifest["splits"]["train"]["samples"]))
     accelerator.print(
-        f"global batch {batch.global_batch} = {batch.batch_size} per process x {world} x grad_accum {batch.grad_accum}, "
+        f"global batch {batch.global_batch} = {batch.batch_size} per process x {accelerator.num_processes} x grad_accum {batch.grad_accum}, "
         f"lr {batch.lr:.3g}" + (f" ({config.optim.lr_scaling} scaling of {config.optim.lr:.3g} at batch "
                                 f"{config.optim.lr_reference_batch})" if config.optim.lr_scaling != "none" else "")
     )
     if accelerator.is_main_process and (warning := eval_crop_warning(config)):
         log.warning(warning)
 
+
+def _loaders(run: _Run):
+    """(train loader, its batches per epoch, val loader), built once for the run (persistent workers)."""
+    config, accelerator = run.config, run.accelerator
     transform = build_transform(
         config.aug.preset,
         image_size=config.data.image_size,
@@ -516,69 +333,72 @@ def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, 
         scale_min=config.aug.scale_min,
         degrees=config.aug.degrees,
         translate=config.aug.translate,
-        normalization=normalization,
+        normalization=run.normalization,
     )
-    history = _resumed_history(out, state.epoch, accelerator.is_main_process)
-    stopped_early = False
     loader, num_batches = build_train_loader(
         config.data.shards,
-        batch.batch_size,
+        run.batch.batch_size,
         transform,
         config.data.num_workers,
-        world,
-        rank,
+        accelerator.num_processes,
+        accelerator.process_index,
         seed=config.train.seed,
-        epoch=state.epoch,
+        epoch=run.state.epoch,
         shuffle_buffer=config.data.shuffle_buffer,
         max_batches=config.data.max_train_batches,
-        manifest=manifest,
+        manifest=run.manifest,
         pin_memory=accelerator.device.type == "cuda",
         normalize_in_loader=False,
         persistent_workers=True,
     )
-    val_loader = split_loader(accelerator, config.data.shards, "val", run_config, manifest,
-                              transform=eval_transform(run_config, normalization), persistent_workers=True)
-    while state.epoch < config.train.epochs:
-        loader.set_epoch(state.epoch, start_batch=state.batch)
-        train_epoch(model, optimizer, criterion, accelerator, run_config, loader, num_batches, state, stop, checkpointer, progress)
-        val = _validate(model, accelerator, criterion, run_config, manifest, val_loader)
-        step_scheduler(scheduler, val["val_loss"])
-        state.epoch += 1
-        lr = optimizer.param_groups[0]["lr"]
-        record = _epoch_record(state, lr, val, batch, precision)
-        history.append(record)
-        improved = record["val_auc_mean"] > state.best_auc
+    val_loader = split_loader(accelerator, config.data.shards, "val", run.run_config, run.manifest,
+                              transform=eval_transform(run.run_config, run.normalization), persistent_workers=True)
+    return loader, num_batches, val_loader
+
+
+def _close_epoch(run: _Run, val: dict[str, Any]) -> dict[str, Any]:
+    """After an epoch's validation: step the scheduler, keep the early-stopping memory, start the next
+    epoch's position; rank 0 logs the record and exports a new best. Returns the metrics.jsonl record."""
+    state, accelerator = run.state, run.accelerator
+    step_scheduler(run.scheduler, val["val_loss"])
+    state.epoch += 1
+    record = _epoch_record(state, run.optimizer.param_groups[0]["lr"], val, run.batch, run.precision)
+    improved = record["val_auc_mean"] > state.best_auc
+    if improved:
+        state.best_auc, state.best_epoch, state.bad_epochs = record["val_auc_mean"], state.epoch, 0
+    else:
+        state.bad_epochs += 1
+    state.batch, state.loss_sum, state.loss_batches, state.epoch_seconds = 0, 0.0, 0, 0.0
+    if accelerator.is_main_process:
+        append_jsonl(run.out / METRICS_FILE, record)
+        accelerator.print(_format_epoch(record, run.config.train.epochs))
         if improved:
-            state.best_auc, state.best_epoch, state.bad_epochs = record["val_auc_mean"], state.epoch, 0
-        else:
-            state.bad_epochs += 1
-        state.batch, state.loss_sum, state.loss_batches, state.epoch_seconds = 0, 0.0, 0, 0.0
-        if accelerator.is_main_process:
-            append_jsonl(out / "metrics.jsonl", record)
-            accelerator.print(_format_epoch(record, config.train.epochs))
-            if improved:
-                export_best(accelerator.unwrap_model(model), out, best_info(config, record, manifest, normalization))
-        saved = checkpointer.save()
-        if report is not None:
-            report(record)
-        patience = config.train.early_stop_patience
-        if patience and state.bad_epochs >= patience:
-            stopped_early = True
-            accelerator.print(f"early stop: val mean AUC did not improve for {patience} epoch(s)")
-            break
-        if state.epoch < config.train.epochs and (signum := _agreed_signal(accelerator, stop)):
-            _stop(checkpointer, saved, signum)  # a signal during validation, export_best or the save
+            export_best(accelerator.unwrap_model(run.model), run.out, best_info(run.config, record, run.manifest, run.normalization))
+    return record
+
+
+def _early_stop(run: _Run) -> bool:
+    patience = run.config.train.early_stop_patience
+    if patience and run.state.bad_epochs >= patience:
+        run.accelerator.print(f"early stop: val mean AUC did not improve for {patience} epoch(s)")
+        return True
+    return False
+
+
+def _finish(run: _Run, history: list[dict[str, Any]], stopped_early: bool) -> FitResult:
+    accelerator, state = run.accelerator, run.state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        clear_preempted(out)
+        clear_preempted(run.out)
     if state.best_epoch < 0:
         last = history[-1] if history else {}
         raise ChexdistError(
-            f"{config.data.shards}: no epoch could be scored, so no best model was exported: val mean AUROC is "
+            f"{run.config.data.shards}: no epoch could be scored, so no best model was exported: val mean AUROC is "
             f"undefined when no finding has both positives and negatives among the {last.get('val_samples', 0)} val "
             "images (see val_auc_undefined in metrics.jsonl); repack with a larger val split"
         )
-    return FitResult(out, state.best_auc, state.best_epoch, state.epoch, stopped_early, world, accelerator.is_main_process, history)
+    return FitResult(run.out, state.best_auc, state.best_epoch, state.epoch, stopped_early, accelerator.num_processes,
+                     accelerator.is_main_process, history)
 
 
 def _resumed_history(out: Path, epochs_done: int, is_main: bool) -> list[dict[str, Any]]:
@@ -669,13 +489,7 @@ def train_epoch(model, optimizer, criterion, accelerator, config: Config, loader
         every = config.train.checkpoint_every
         # only at these steps (where the loss is folded) so that a resumed run sums it as an unbroken one
         if state.step % CHECK_EVERY == 0 or last or (every and state.step % every == 0):
-            flags = accelerator.gather(torch.stack([torch.tensor(float(stop.signum), device=device), first_bad])[None])
-            signum, bad_step = _first_signal(flags[:, 0]), float(flags[:, 1].min())
-            if math.isfinite(bad_step):
-                raise NonFiniteLoss(
-                    f"loss became nan/inf at step {int(bad_step)} (epoch {state.epoch + 1}); lower optim.lr, "
-                    "set train.grad_clip, or use train.precision=bf16 instead of fp16"
-                )
+            signum = _check_ranks(accelerator, stop, first_bad, state.epoch)
             _fold_loss(accelerator, state, loss_sum, i + 1 - resume_at)
             loss_sum.zero_()
             resume_at = i + 1
@@ -690,6 +504,19 @@ def train_epoch(model, optimizer, criterion, accelerator, config: Config, loader
                     _stop(checkpointer, saved, signum)
     bar.close()
     state.epoch_seconds = time.perf_counter() - started
+
+
+def _check_ranks(accelerator, stop: StopFlag, first_bad: torch.Tensor, epoch: int) -> int:
+    """The cross-rank check: NonFiniteLoss if any rank's loss was nan/inf (at the first such step),
+    else the stop signal all ranks act on (0: none)."""
+    flags = accelerator.gather(torch.stack([torch.tensor(float(stop.signum), device=accelerator.device), first_bad])[None])
+    bad_step = float(flags[:, 1].min())
+    if math.isfinite(bad_step):
+        raise NonFiniteLoss(
+            f"loss became nan/inf at step {int(bad_step)} (epoch {epoch + 1}); lower optim.lr, "
+            "set train.grad_clip, or use train.precision=bf16 instead of fp16"
+        )
+    return _first_signal(flags[:, 0])
 
 
 def _fold_loss(accelerator, state: TrainState, loss_sum: torch.Tensor, batches: int) -> None:

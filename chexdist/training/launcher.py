@@ -18,11 +18,10 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 
-from chexdist.utils.stopsignals import STOP_SIGNALS
+from chexdist.utils.stopsignals import STOP_SIGNALS, held_stop_signals
 
 FORWARDED = STOP_SIGNALS
 GRACE_S = 30.0  # once a worker has failed, how long the others get to exit before they are killed
@@ -62,7 +61,7 @@ def run_workers(cmd: list[str], nproc: int, cpu: bool) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
         # workers start with the signals blocked: one sent before a worker can handle it stays
-        # pending (not fatal) until `hold_stop_signals` unblocks it there
+        # pending (not fatal) until `stopsignals.hold_stop_signals` unblocks it there
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         try:
             for rank in range(nproc):
@@ -119,38 +118,6 @@ def _describe(code: int) -> str:
         return signal.Signals(-code).name
     except ValueError:
         return f"signal {-code}"
-
-
-_held: list[int] = []
-
-
-@contextlib.contextmanager
-def hold_stop_signals() -> Iterator[None]:
-    """In a worker, from before the heavy imports: remember SIGINT/SIGTERM/SIGUSR1 instead of dying
-    of them, until the training loop's StopFlag takes them over (`held_stop_signals`)."""
-    def hold(signum, frame) -> None:
-        _held.append(signum)
-        if signum == signal.SIGINT:  # as in StopFlag: a second Ctrl-C ends the process at once
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, hold) for sig in FORWARDED}
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # blocked by `run_workers` until now
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        _held.clear()
-
-
-def held_stop_signals() -> list[int]:
-    """The signals `hold_stop_signals` caught (each reported once)."""
-    caught = list(_held)
-    _held.clear()
-    return caught
 
 
 @contextlib.contextmanager
