@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chexdist.bench.loader import SUITES, run_suite
+from chexdist.bench.suites import SUITES, run_suite
 from chexdist.errors import ChexdistError
 
 COMMON = {"bench", "format", "workers", "images", "batch_size", "ours_px", "image_size", "shard_bytes", "cpus", "comparison",

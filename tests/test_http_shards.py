@@ -1,4 +1,4 @@
-"""http(s) shards from a real local HTTP server (`chexdist.bench.loader.serve_folder`): readers that start
+"""http(s) shards from a real local HTTP server (`chexdist.bench.reads.serve_folder`): readers that start
 mid-shard ask for their byte range, a server that ignores Range costs bytes but not batches, and a
 bad answer to a range request loses only its samples, counted and explained."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import chexdist.data.shardformat
-from chexdist.bench.loader import FolderHandler, serve_folder
+from chexdist.bench.reads import FolderHandler, serve_folder
 from chexdist.data.loader import build_train_loader
 from chexdist.data.shardformat import load_manifest
 from chexdist.data.transforms import build_transform

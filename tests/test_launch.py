@@ -199,7 +199,7 @@ def test_a_command_destroys_its_process_group_before_exit(monkeypatch):
     the process (SIGABRT, "terminate called without an active exception") after its work is done."""
     import torch.distributed as dist
 
-    from chexdist.cli import main as cli
+    from chexdist.cli import evaluation, main as cli
     from chexdist.training.launcher import free_port
 
     def evaluate_in_a_group(args) -> int:
@@ -208,6 +208,6 @@ def test_a_command_destroys_its_process_group_before_exit(monkeypatch):
         dist.all_gather_object(gathered, "scored")
         return 0 if gathered == ["scored"] else 1
 
-    monkeypatch.setattr(cli, "cmd_evaluate", evaluate_in_a_group)
+    monkeypatch.setattr(evaluation, "cmd_evaluate", evaluate_in_a_group)
     assert cli.main(["evaluate", "--run", "unused"]) == 0
     assert not dist.is_initialized()

@@ -267,9 +267,9 @@ def _prepare(nih_root, out, settings: PackSettings, workers: int):
         raise ChexdistError(f"--workers {workers} must be >= 1")
     release = load_release(nih_root)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     source_sha = sha256_file(release.csv_path)
     plans, missing = plan_shards(release, settings)
+    out.mkdir(parents=True, exist_ok=True)  # only once the plan stands: a refused pack leaves no folder
     done = _load_state(out, settings, source_sha)
     return release, out, source_sha, plans, missing, done
 
