@@ -753,9 +753,7 @@ def _sync(device: torch.device) -> None:
 
 
 def tune_suite(**options: Any) -> Iterator[dict[str, Any]]:
-    from chexdist.tuning.tuner import (
-        tune_suite as suite,  # Ray is imported only when this suite runs
-    )
+    from chexdist.bench.tune import tune_suite as suite  # Ray is imported only when this suite runs
 
     return suite(**options)
 

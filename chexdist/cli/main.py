@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from chexdist import __version__
+from chexdist.cli import tuning
+from chexdist.config import add_set_argument
 from chexdist.errors import EXIT_INTERRUPTED, ChexdistError
 from chexdist.training.launcher import process_group_released
 
@@ -371,12 +373,6 @@ def cmd_import_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tune(args: argparse.Namespace) -> int:
-    from chexdist.tuning.tuner import run_search
-
-    return run_search(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chexdist", description=DESCRIPTION,
                                      epilog="Run `chexdist COMMAND --help` for a command's options.")
@@ -445,8 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "or range, for a recipe, a config file and --set overrides.")
     p.add_argument("--recipe", default=None, help="recipe name or YAML path (default: the dataclass defaults)")
     p.add_argument("--config", default=None, help="YAML file applied over the recipe (e.g. a run's config.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one key (repeatable)")
+    add_set_argument(p, help="override one key (repeatable)")
     p.add_argument("--yaml", action="store_true", help="print the config as YAML (a file for --config)")
     p.set_defaults(func=cmd_config_show)
 
@@ -469,11 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=2, help="tune: epochs per run (--steps caps batches per epoch)")
     p.set_defaults(func=cmd_bench)
 
-    from chexdist.tuning.tuner import add_tune_arguments
-
-    p = sub.add_parser("tune", help="Ray Tune search over loss, optimizer, augmentation (each trial runs the engine)")
-    add_tune_arguments(p)
-    p.set_defaults(func=cmd_tune)
+    tuning.register(sub)
 
     p = sub.add_parser("demo", help="synthetic data -> shards -> 2-process DDP training -> per-class AUROC")
     p.add_argument("--out", default="chexdist-demo", help="demo folder (replaced if an earlier demo made it)")
