@@ -684,3 +684,8 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write config.yaml atomically; `load_config(config_file=path)` gives back an equal Config."""
     header = f"# chexdist {__version__} run config; reload with --config {Path(path).name}\n"
     atomic_write_text(path, header + dump_config(cfg))
+
+
+def add_set_argument(parser: Any, help: str = "override one config key (repeatable)") -> None:
+    """`--set SECTION.KEY=VALUE` (repeatable) into `overrides`, as every command that resolves a config takes it."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help)

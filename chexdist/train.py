@@ -18,7 +18,7 @@ from pathlib import Path
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
     del sys.path[0]  # `accelerate launch chexdist/train.py` puts chexdist/ first: no top-level `data`, `models`, ...
 
-from chexdist.config import Config, load_config
+from chexdist.config import Config, add_set_argument, load_config
 from chexdist.errors import EXIT_BAD_INPUT, ChexdistError
 
 
@@ -40,8 +40,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--config", default=None, help="YAML file applied over the recipe (e.g. a run's config.yaml)")
     group.add_argument("--shards", default=None, help="shard folder (sets data.shards)")
     group.add_argument("--out", required=True, help="run folder, e.g. runs/dannynet")
-    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override one config key (repeatable); see `chexdist config show`")
+    add_set_argument(group, help="override one config key (repeatable); see `chexdist config show`")
     group.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                        help="continue from the latest checkpoint in --out, or the given folder; '--resume auto' "
                             "also starts fresh when --out has no checkpoint (requeued jobs); without "

@@ -298,15 +298,16 @@ def test_resume_restores_from_the_newer_checkpoint_when_ray_recorded_a_deleted_o
 
 def test_a_trial_stopped_before_its_first_result_keeps_its_parameters(tmp_path):
     """Ctrl-C while a trial starts: Ray has no result (so no config) for it, only the params.json it wrote."""
-    from chexdist.tuning.tuner import _started_params, load_space
+    from chexdist.tuning.results import started_params
+    from chexdist.tuning.space import load_space
 
     space = load_space(TINY_SPACE, load_config("tiny"))
     trial = tmp_path / "run_trial_abcde_00003_3"
     trial.mkdir()
-    assert _started_params(str(trial)) == {}
+    assert started_params(str(trial)) == {}
     assert space.active({}) == space.fixed
     (trial / "params.json").write_text(json.dumps({"loss.name": "bce", "loss.gamma": 2.0, "optim.name": "adam", "optim.lr": 1e-3}))
-    active = space.active(_started_params(str(trial)))
+    active = space.active(started_params(str(trial)))
     assert active["loss.name"] == "bce" and active["optim.lr"] == 1e-3 and "loss.gamma" not in active
 
 
@@ -362,19 +363,17 @@ def test_refusals_before_ray_starts(shards, tmp_path, capsys):
 
 def test_local_paths_become_absolute_for_trials(shards, tmp_path, monkeypatch):
     """Ray runs trials in their own working folders, so a relative --shards must not reach them."""
-    import argparse
-
-    from chexdist.tuning.tuner import add_tune_arguments, plan_search
+    from chexdist.tuning.options import TuneOptions
+    from chexdist.tuning.tuner import plan_search
 
     monkeypatch.chdir(shards.parent)
-    parser = argparse.ArgumentParser()
-    add_tune_arguments(parser)
-    plan = plan_search(parser.parse_args(tune_args(Path(shards.name), tmp_path, "rel")))
+    plan = plan_search(TuneOptions(shards.name, space=str(TINY_SPACE), recipe="tiny", overrides=FIXED,
+                                   storage=str(tmp_path), name="rel"))
     assert plan.config.data.shards == str(shards) and plan.config.model.pretrained is None
 
 
 def test_shards_not_visible_on_a_node_is_one_line_naming_the_path(tmp_path):
-    from chexdist.tuning.tuner import check_shards_visible
+    from chexdist.tuning.trial import check_shards_visible
 
     with pytest.raises(ChexdistError) as err:
         check_shards_visible(str(tmp_path / "elsewhere"))

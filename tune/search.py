@@ -1,5 +1,5 @@
-"""Ray Tune search entry: `python tune/search.py --space tune/spaces/default.yaml --shards shards/nih ...`
-(the same as `chexdist tune ...`; the code lives in chexdist/tuning/tuner.py)."""
+"""Ray Tune search entry: `python tune/search.py --space tune/spaces/default.yaml --shards shards/nih ...`,
+the same as `chexdist tune ...` (the search lives in the package, chexdist/tuning/)."""
 
 import sys
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chexdist.tuning.tuner import main  # noqa: E402
+from chexdist.cli.tuning import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,6 +7,7 @@ import json
 import sys
 
 from chexdist.cli.prepare import default_workers
+from chexdist.config import add_set_argument
 from chexdist.errors import ChexdistError
 
 DEMO_MARKER = ".chexdist-demo"
@@ -140,8 +141,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                           "or range, for a recipe, a config file and --set overrides.")
     p.add_argument("--recipe", default=None, help="recipe name or YAML path (default: the dataclass defaults)")
     p.add_argument("--config", default=None, help="YAML file applied over the recipe (e.g. a run's config.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one key (repeatable)")
+    add_set_argument(p, help="override one key (repeatable)")
     p.add_argument("--yaml", action="store_true", help="print the config as YAML (a file for --config)")
     p.set_defaults(func=cmd_config_show)
 

@@ -29,6 +29,12 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 
 
+def is_remote(source: str | os.PathLike) -> bool:
+    """True for a shard location read as a stream (a URL or a `pipe:` command), False for a local path."""
+    source = str(source)
+    return source.startswith("pipe:") or bool(_URL.match(source))
+
+
 def resolve(shard_dir: str | os.PathLike, name: str) -> str:
     """URL or path of file `name` (a shard or the manifest) under `shard_dir` (see module doc)."""
     source = os.fspath(shard_dir)

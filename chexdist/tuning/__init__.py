@@ -1,1 +1,1 @@
-"""Ray Tune over chexdist's training function: search space, trial, tuner, results, restore."""
+"""Ray Tune over chexdist's training function: space (the YAML), options (TuneOptions), trial, tuner, results, restore."""
