@@ -145,14 +145,11 @@ def write_best_recipe(path: Path, plan: SearchPlan, grid, top) -> None:
 
 
 def _plots(out: Path, curves: dict[str, tuple[list, list]], table, plan: SearchPlan) -> None:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: skipped the PNG plots (pip install 'chexdist[plots]')")
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for trial, (epochs, aucs) in sorted(curves.items()):
         ax.plot(epochs, aucs, marker="o", label=trial)
@@ -161,6 +158,7 @@ def _plots(out: Path, curves: dict[str, tuple[list, list]], table, plan: SearchP
         ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_save_figure(fig, out / "val_auc_per_epoch.png", dpi=110)
+    plt.close(fig)
     keys = list(plan.space.params)
     cols = min(3, len(keys))
     rows = (len(keys) + cols - 1) // cols
@@ -180,4 +178,5 @@ def _plots(out: Path, curves: dict[str, tuple[list, list]], table, plan: SearchP
         ax.axis("off")
     fig.tight_layout()
     atomic_save_figure(fig, out / "params_vs_auc.png", dpi=110)
+    plt.close(fig)
 

@@ -50,19 +50,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> None:
-    """Write a matplotlib figure as a PNG atomically (a killed run leaves the old plot or none, never
-    half of one) and close it."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def json_safe(obj: Any) -> Any:
     """obj with every non-finite float (NaN, +-Infinity, numpy ones included) replaced by None.
 
