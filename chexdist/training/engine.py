@@ -238,6 +238,8 @@ class _Run:
 
 
 def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, progress: bool, stop: StopFlag) -> FitResult:
+    """The run in steps: agree on the preflight, build, resume, open the run folder; then per epoch train,
+    validate, close the epoch, checkpoint, report, and stop early or on a signal; finish."""
     checked = agreed_preflight(accelerator, config, out, resume)
     _check_accelerator(accelerator, config)
     _set_backend_flags(config, accelerator)
