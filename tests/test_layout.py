@@ -251,3 +251,23 @@ def test_module_and_function_size():
 def test_the_checks_see_the_package():
     graph = import_graph()
     assert "chexdist.training.engine" in graph and "chexdist.config" in graph["chexdist.training.engine"]
+
+
+def test_the_trainer_script_hides_its_own_folder(tmp_path):
+    """`accelerate launch chexdist/train.py` runs the file as a script, so Python puts chexdist/ first on
+    sys.path; train.py drops it, or `data`, `models`, `utils`... would import as top-level packages."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import atexit, importlib.util, sys\n"
+        "def _report():\n"
+        "    names = ('data', 'models', 'training', 'evaluation', 'utils', 'cli', 'bench', 'tuning')\n"
+        "    print('TOPLEVEL', [n for n in names if importlib.util.find_spec(n) is not None], file=sys.stderr)\n"
+        "atexit.register(_report)\n")
+    result = subprocess.run([sys.executable, str(ROOT / "chexdist" / "train.py"), "--help"], capture_output=True,
+                            text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(tmp_path), os.environ.get("PYTHONPATH"))))},
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "TOPLEVEL []" in result.stderr, result.stderr[-2000:]
