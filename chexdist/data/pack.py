@@ -461,27 +461,3 @@ def _build_manifest(release: NihRelease, settings: PackSettings, source_sha: str
     }
 
 
-def format_info(manifest: dict) -> str:
-    """A plain-text table of splits, patients and prevalence for `chexdist shards info`."""
-    splits = [s for s in SPLITS if s in manifest["splits"]]
-    lines = [
-        f"format {manifest['image']['format']}, size {manifest['image']['size']}, "
-        f"split {manifest['split']['method']} (seed {manifest['split']['seed']}), "
-        f"source {manifest['source']['csv']}, errors {manifest['errors']}",
-        "",
-        f"{'':20s}" + "".join(f"{s:>16s}" for s in splits),
-    ]
-
-    def row(title: str, values: list[str]) -> None:
-        lines.append(f"{title:20s}" + "".join(f"{v:>16s}" for v in values))
-
-    row("images", [str(manifest["splits"][s]["samples"]) for s in splits])
-    row("patients", [str(manifest["splits"][s]["patients"]) for s in splits])
-    row("shards", [str(len(manifest["splits"][s]["shards"])) for s in splits])
-    for label in manifest["labels"]:
-        cells = []
-        for s in splits:
-            n, pos = manifest["splits"][s]["samples"], manifest["splits"][s]["positives"][label]
-            cells.append(f"{pos} ({100 * pos / n:.1f}%)" if n else "0")
-        row(label, cells)
-    return "\n".join(lines)
