@@ -71,7 +71,9 @@ def test_two_process_ddp_through_accelerate_launch(train_shards, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_then_resume_matches_uninterrupted_run(train_shards, tmp_path):
-    sets = ("train.epochs=3", "data.max_train_batches=24", "train.deterministic=true")
+    # a step checkpoint inside epoch 2 (step 30 = epoch 1, batch 6) marks the kill point: a SIGTERM sent
+    # once it exists is taken inside that epoch, never at an epoch boundary (a race at a boundary's save)
+    sets = ("train.epochs=3", "data.max_train_batches=24", "train.deterministic=true", "train.checkpoint_every=30")
     reference = tmp_path / "reference"
     done = run(train_cmd(train_shards, reference, *sets), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -79,7 +81,7 @@ def test_sigterm_then_resume_matches_uninterrupted_run(train_shards, tmp_path):
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(train_cmd(train_shards, out, *sets), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not list((out / "checkpoints").glob("step*-epoch0001-batch000000")) and time.time() < deadline:
+    while not list((out / "checkpoints").glob("step000000030-epoch0001-batch000006")) and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
