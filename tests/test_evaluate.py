@@ -18,6 +18,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
 
+from chexdist.training.launcher import free_port
 from chexdist.cli.main import main
 from chexdist.evaluation.evaluate import read_predictions, summarize
 from chexdist.labels import LABELS
@@ -292,7 +293,7 @@ def test_compare_paired_bootstrap_and_delong(evaluated: Path, tmp_path: Path, ca
 def test_two_process_launch_writes_the_same_metrics(evaluated: Path, tmp_path: Path):
     out = tmp_path / "eval2"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--main_process_port", "29561", "-m", "chexdist.cli", "evaluate", "--run", str(evaluated), "--bootstrap", "300",
+           "--main_process_port", str(free_port()), "-m", "chexdist.cli", "evaluate", "--run", str(evaluated), "--bootstrap", "300",
            "--no-progress", "--no-plots", "--out", str(out)]
     done = subprocess.run(cmd, cwd=REPO, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

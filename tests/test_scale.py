@@ -18,6 +18,7 @@ import torch
 
 from chexdist.config import AugConfig, load_config, resolve_batch
 from chexdist.errors import ChexdistError
+from chexdist.training.launcher import free_port
 from tests.conftest import REPO
 
 TRAIN_PY = str(REPO / "chexdist" / "train.py")
@@ -219,7 +220,7 @@ def test_resume_on_another_shape(train_shards, tmp_path):
     sets = ("data.global_batch_size=8", "data.batch_size=8", "train.checkpoint_every=2", "train.keep_checkpoints=20",
             "data.num_workers=1")
     env2 = dict(ENV, ACCELERATE_USE_CPU="1")
-    proc = subprocess.Popen(two_processes(train_shards, out, 29541, *sets, "train.epochs=1"), cwd=REPO, env=env2,
+    proc = subprocess.Popen(two_processes(train_shards, out, free_port(), *sets, "train.epochs=1"), cwd=REPO, env=env2,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (out / "checkpoints").is_dir() or not checkpoints(out):
@@ -245,7 +246,7 @@ def test_resume_on_another_shape(train_shards, tmp_path):
     assert "resume it with 2 process(es) and data.num_workers=1" in lines[0]
     assert checkpoints(out)[-1] == mid and not (out / "metrics.jsonl").exists()
 
-    finished = run([*two_processes(train_shards, out, 29542, *sets, "train.epochs=1"), "--resume"], env=env2, timeout=300)
+    finished = run([*two_processes(train_shards, out, free_port(), *sets, "train.epochs=1"), "--resume"], env=env2, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "RNG states not restored" not in finished.stdout
     boundary = checkpoints(out)[-1]

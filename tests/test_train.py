@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from chexdist.training.launcher import free_port
 from chexdist.errors import ChexdistError
 from tests.conftest import REPO
 
@@ -43,7 +44,7 @@ def test_two_process_ddp_through_accelerate_launch(train_shards, tmp_path):
     out = tmp_path / "run"
     env = {**ENV, "ACCELERATE_USE_CPU": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--main_process_port", "29533", TRAIN_PY, "--recipe", "tiny", "--shards", str(train_shards), "--out", str(out),
+           "--main_process_port", str(free_port()), TRAIN_PY, "--recipe", "tiny", "--shards", str(train_shards), "--out", str(out),
            "--no-progress", "--set", "train.epochs=4"]
     result = run(cmd, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -132,7 +133,7 @@ def test_refusals_before_training(train_shards, tmp_path):
 
     env = {**ENV, "ACCELERATE_USE_CPU": "1"}
     launched = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                    "--main_process_port", "29534", TRAIN_PY, "--recipe", "tiny", "--shards", str(train_shards), "--out", str(out),
+                    "--main_process_port", str(free_port()), TRAIN_PY, "--recipe", "tiny", "--shards", str(train_shards), "--out", str(out),
                     "--set", "loss.name=hinge"], env=env, timeout=120)
     assert launched.returncode != 0 and "config key 'loss.name': 'hinge'" in launched.stderr and not out.exists()
 
