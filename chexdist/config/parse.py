@@ -1,8 +1,7 @@
-"""One dataclass config for every run: defaults < recipe YAML < --config file < --set overrides.
+"""Parse, override and load configs: defaults < recipe YAML < --config file < --set overrides.
 
 Every value is coerced to its field's type and range-checked when it is set, so an impossible run
-is refused before any data is read. The section/key names are a public contract (DESIGN.md,
-"Names that other tools rely on"): add keys, never rename them.
+is refused before any data is read.
 """
 
 from __future__ import annotations
@@ -14,9 +13,9 @@ import math
 import os
 import re
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Union, get_args, get_origin, get_type_hints
+from typing import Any, Iterable, Literal, Mapping, Union, get_args, get_origin
 
 import yaml
 
@@ -24,186 +23,29 @@ from chexdist import __version__
 from chexdist.errors import ChexdistError
 from chexdist.models.arch import check_input_size
 from chexdist.utils.fileio import atomic_write_text
+from chexdist.config.schema import (
+    Config,
+    FIELD_TYPES,
+    SECTIONS,
+    SECTION_TYPES,
+    eval_resize_for,
+    section_fields,
+)
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-
-LossName = Literal["bce", "wbce", "focal"]
-OptimName = Literal["adam", "adamw", "sgd"]
-SchedName = Literal["plateau", "cosine", "step", "none"]
-AugPreset = Literal["none", "flip", "dannynet", "strong"]
-HeadName = Literal["linear", "dense_bn"]
-Precision = Literal["no", "bf16", "fp16", "auto"]
-LrScaling = Literal["none", "linear", "sqrt"]
-ThresholdMetric = Literal["f1"]
-
-
-def _f(default: Any, **limits: Any) -> Any:
-    """A dataclass field whose metadata carries its limits: ge/gt/le/lt, length (lists), nonempty."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=limits)
-    return field(default=default, metadata=limits)
-
-
-def eval_resize_for(image_size: int, crop_pct: float) -> int:
-    """timm's eval resize: the shorter side becomes floor(image_size / crop_pct) before the centre crop."""
-    return math.floor(image_size / crop_pct)
-
-
-@dataclass
-class DataConfig:
-    """Input pipeline. Eval images are Resize(resolved_eval_resize) then CenterCrop(image_size).
-
-    The resize follows timm's convention: floor(image_size / crop_pct) (224 -> 256 at 0.875), so
-    changing image_size alone keeps the same share of the image. eval_resize > 0 overrides it;
-    0 (or null) means derived. config.yaml and best.json hold the resolved number.
-    """
-
-    shards: str = ""
-    image_size: int = _f(224, ge=16)
-    crop_pct: float = _f(0.875, gt=0, le=1)
-    eval_resize: int | None = _f(0, ge=0, doc="0 or null = floor(image_size / crop_pct)")
-    batch_size: int = _f(16, ge=1, doc="per process; with global_batch_size > 0, the most per process")
-    global_batch_size: int = _f(0, ge=0, doc="0 = batch_size x processes x grad_accum; see resolve_batch")
-    eval_batch_size: int = _f(0, ge=0, doc="0 = 2 * batch_size")
-    num_workers: int = _f(2, ge=0)
-    shuffle_buffer: int = _f(1000, ge=0)
-    max_train_batches: int = _f(0, ge=0, doc="0 = full epoch; >0 caps an epoch (smoke tests, benchmarks)")
-
-    @property
-    def resolved_eval_resize(self) -> int:
-        """The eval resize actually used: eval_resize when set, else derived from crop_pct."""
-        return self.eval_resize or eval_resize_for(self.image_size, self.crop_pct)
-
-    @property
-    def eval_resize_is_derived(self) -> bool:
-        return not self.eval_resize
-
-
-@dataclass
-class ModelConfig:
-    """Backbone (timm name or densenet121) and classifier head; pretrained is a local file, never a download."""
-
-    name: str = _f("densenet121", nonempty=True)
-    pretrained: str | None = _f(None, doc="a local weights file; never downloaded")
-    drop_rate: float = _f(0.0, ge=0, lt=1)
-    head: HeadName = "linear"
-
-
-@dataclass
-class LossConfig:
-    """gamma and alpha are used by focal loss only."""
-
-    name: LossName = "bce"
-    gamma: float = _f(2.0, ge=0)
-    alpha: float | None = _f(None, ge=0)
-
-
-@dataclass
-class OptimConfig:
-    """momentum/nesterov apply to sgd, betas to adam/adamw."""
-
-    name: OptimName = "adam"
-    lr: float = _f(1e-3, gt=0)
-    weight_decay: float = _f(0.0, ge=0)
-    momentum: float = _f(0.9, ge=0, lt=1)
-    betas: list[float] = _f([0.9, 0.999], ge=0, lt=1, length=2)
-    nesterov: bool = False
-    lr_scaling: LrScaling = "none"  # lr x (global batch / lr_reference_batch) (linear) or its sqrt
-    lr_reference_batch: int = _f(0, ge=0)  # the global batch optim.lr was tuned at
-
-
-@dataclass
-class SchedConfig:
-    """plateau steps on val loss (patience/factor); step uses step_size (epochs) and factor."""
-
-    name: SchedName = "plateau"
-    patience: int = _f(1, ge=0)
-    factor: float = _f(0.1, gt=0, lt=1)
-    step_size: int = _f(10, ge=1)
-    min_lr: float = _f(0.0, ge=0)
-    warmup_epochs: int = _f(0, ge=0)
-
-
-@dataclass
-class AugConfig:
-    """Named presets; the numbers parametrize dannynet (jitter, crop) and strong (all of them).
-
-    scale_min is RandomResizedCrop's lower area bound. The default 0.5 keeps at least half the
-    image, because findings such as cardiomegaly need the whole chest; torchvision's 0.08 (an
-    ImageNet choice) is used only where a paper used RandomResizedCrop with its defaults.
-    """
-
-    preset: AugPreset = "flip"
-    brightness: float = _f(0.1, ge=0)
-    contrast: float = _f(0.1, ge=0)
-    scale_min: float = _f(0.5, gt=0, le=1)
-    degrees: float = _f(10.0, ge=0, le=180)
-    translate: float = _f(0.05, ge=0, lt=1)
-
-
-@dataclass
-class TrainConfig:
-    """Loop control. early_stop_patience counts epochs without a better val mean AUC (0 = off).
-
-    precision no|bf16|fp16 is passed to Accelerate as is (the launcher's --mixed_precision, env and
-    accelerate config are ignored); auto takes the launcher's.
-    """
-
-    epochs: int = _f(3, ge=1)
-    precision: Precision = "no"
-    grad_accum: int = _f(1, ge=1)
-    grad_clip: float = _f(0.0, ge=0, doc="max grad norm; 0 = off")
-    early_stop_patience: int = _f(0, ge=0, doc="epochs without a better val mean AUROC; 0 = off")
-    seed: int = _f(0, ge=0)
-    checkpoint_every: int = _f(0, ge=0, doc="optimizer steps; 0 = end of each epoch only")
-    keep_checkpoints: int = _f(3, ge=1)
-    deterministic: bool = False
-    log_every_s: float = _f(30.0, gt=0, doc="seconds between progress lines when output is not a terminal")
-
-
-@dataclass
-class EvalConfig:
-    """Per-class thresholds are tuned on val by threshold_metric; CIs resample patients (bootstrap 0 = off)."""
-
-    threshold_metric: ThresholdMetric = "f1"
-    bootstrap: int = _f(1000, ge=0, doc="patient bootstrap resamples for CIs; 0 = off")
-    ci_level: float = _f(0.95, gt=0, lt=1)
-
-
-@dataclass
-class Config:
-    """The whole run. `recipe` records which recipe the run started from (a label, not re-applied)."""
-
-    recipe: str = ""
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sched: SchedConfig = field(default_factory=SchedConfig)
-    aug: AugConfig = field(default_factory=AugConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name != "recipe")
-
-
-def config_keys() -> list[str]:
-    """Every settable 'section.key', in declaration order (for docs, tune spaces and checks)."""
-    return [f"{s}.{k}" for s in SECTIONS for k in _section_fields(s)]
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def describe_config(cfg: Config) -> list[tuple[str, str, str]]:
     """(key, resolved value, allowed values or range) for every key, for `chexdist config show`."""
     rows = []
     for section in SECTIONS:
-        for key, f in _section_fields(section).items():
+        for key, f in section_fields(section).items():
             value = getattr(getattr(cfg, section), key)
             shown = _show(value)
             if (section, key) == ("data", "eval_resize"):
                 resolved = cfg.data.resolved_eval_resize
                 shown = f"{resolved} (derived)" if cfg.data.eval_resize_is_derived else str(resolved)
-            allowed = _describe_type(_FIELD_TYPES[section][key], f.metadata)
+            allowed = _describe_type(FIELD_TYPES[section][key], f.metadata)
             doc = f.metadata.get("doc")
             rows.append((f"{section}.{key}", shown, f"{allowed}; {doc}" if doc else allowed))
     return rows
@@ -285,14 +127,6 @@ def load_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
 # Coercion and validation
 
 
-def _section_fields(section: str) -> dict[str, dataclasses.Field]:
-    cls = _SECTION_TYPES[section]
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
-_SECTION_TYPES: dict[str, type] = {name: get_type_hints(Config)[name] for name in SECTIONS}
-_FIELD_TYPES: dict[str, dict[str, Any]] = {s: get_type_hints(cls) for s, cls in _SECTION_TYPES.items()}
-
 
 def _show(value: Any) -> str:
     if isinstance(value, str):
@@ -312,11 +146,11 @@ def _suggest(word: str, choices: Iterable[str]) -> str:
 def _lookup(section: Any, key: Any) -> dataclasses.Field:
     """The field for section.key, or a ChexdistError listing what exists."""
     dotted = f"{section}.{key}"
-    if section not in _SECTION_TYPES:
+    if section not in SECTION_TYPES:
         close = difflib.get_close_matches(str(section), SECTIONS, n=1)
         hint = f" (did you mean '{close[0]}.{key}'?)" if close else ""
         raise ChexdistError(f"unknown config key {dotted!r}{hint}; sections: {', '.join(SECTIONS)}")
-    fields = _section_fields(section)
+    fields = section_fields(section)
     if key not in fields:
         close = difflib.get_close_matches(str(key), list(fields), n=1)
         hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
@@ -416,7 +250,7 @@ def _check_range(key: str, value: int | float, limits: Mapping[str, Any]) -> int
 
 def _set(cfg: Config, section: Any, key: Any, value: Any) -> None:
     f = _lookup(section, key)
-    tp = _FIELD_TYPES[section][key]
+    tp = FIELD_TYPES[section][key]
     setattr(getattr(cfg, section), key, _coerce(f"{section}.{key}", value, tp, f.metadata))
 
 
@@ -511,7 +345,7 @@ def validate_config(cfg: Config) -> Config:
     if not isinstance(cfg.recipe, str):
         raise ChexdistError(f"config key 'recipe': expected a string, got {_show(cfg.recipe)}")
     for section in SECTIONS:
-        for key in _section_fields(section):
+        for key in section_fields(section):
             _set(cfg, section, key, getattr(getattr(cfg, section), key))
     _check_cross(cfg)
     return cfg
@@ -530,7 +364,7 @@ def _apply_mapping(cfg: Config, data: Any, source: str | None) -> str | None:
         for section, values in data.items():
             if section == "recipe":
                 continue
-            if section not in _SECTION_TYPES:
+            if section not in SECTION_TYPES:
                 hint = _suggest(str(section), SECTIONS)
                 raise ChexdistError(f"unknown config section {section!r}{hint}; sections: {', '.join(SECTIONS)}")
             if values is None:
@@ -572,7 +406,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
             raise ChexdistError("the recipe is chosen with --recipe NAME, not --set")
         raise ChexdistError(f"malformed override {text!r}; {form}")
     _lookup(section, key)
-    plain = _plain_types(_FIELD_TYPES[section][key])
+    plain = _plain_types(FIELD_TYPES[section][key])
     text = raw.strip()
     try:
         value = parse_yaml(text) if text else None
