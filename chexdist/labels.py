@@ -23,6 +23,9 @@ LABELS: tuple[str, ...] = (
     "Hernia",
 )
 NUM_LABELS = len(LABELS)
+# An unknown label (a finding a dataset lacks, a blank, an ignored uncertain) is `null` in a shard's
+# json and NaN in label tensors; it is never 0. Losses and metrics use known labels only.
+UNKNOWN = float("nan")
 NO_FINDING = "No Finding"
 
 # Spellings used by other NIH files (BBox_List_2017.csv writes "Infiltrate").

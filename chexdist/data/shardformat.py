@@ -29,6 +29,17 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 
 
+def dataset_name(manifest: dict) -> str:
+    """The dataset a manifest describes (format version 2 records it); version-1 manifests are NIH."""
+    return str(manifest.get("dataset") or "nih")
+
+
+def namespaced_patient(dataset: str, patient_id: Any) -> str:
+    """The patient ID used wherever datasets meet (mixtures, leakage checks, lineage digests), so
+    that patient 17 of one dataset can never collide with patient 17 of another."""
+    return f"{dataset}:{patient_id}"
+
+
 def is_remote(source: str | os.PathLike) -> bool:
     """True for a shard location read as a stream (a URL or a `pipe:` command), False for a local path."""
     source = str(source)
