@@ -1,4 +1,4 @@
-"""Decode any PNG/JPEG chest X-ray to 8-bit grayscale, resize, encode shard samples, and summarize images.
+"""Decode any PNG/JPEG/DICOM chest X-ray to 8-bit grayscale, resize, encode shard samples, and summarize images.
 
 All functions are top-level and take/return plain numpy arrays or bytes so pack worker processes
 can use them directly. Pixel rules (chosen once, here, for every caller):
@@ -144,11 +144,16 @@ def _apply_orientation(a: np.ndarray, orientation: int) -> np.ndarray:
     return a if op is None else np.ascontiguousarray(op(a))
 
 
-def load_gray8(src: ImageSource, name: str | None = None) -> np.ndarray:
-    """Decode a PNG/JPEG (path or bytes) to a writable uint8 HxW array; raise ImageDecodeError.
+def load_gray8(src: ImageSource, name: str | None = None, dicom_window: str = "auto") -> np.ndarray:
+    """Decode a PNG/JPEG/DICOM (path or bytes) to a writable uint8 HxW array; raise ImageDecodeError.
 
-    `name` labels errors when `src` is bytes (e.g. the tar member or original path).
+    DICOM is recognised by content (`chexdist.data.dicom`, which renders it as a viewer would, with
+    `dicom_window`). `name` labels errors when `src` is bytes (e.g. the tar member or original path).
     """
+    from chexdist.data import dicom
+
+    if dicom.is_dicom(src):
+        return dicom.load_dicom_gray8(src, name, window=dicom_window)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise ChexdistError(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by other code in this process); "

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from chexdist.data.images import ImageDecodeError
+from chexdist.data.phi import phi_problems
 from chexdist.data.samples import read_sample
 from chexdist.data.shardformat import iter_tar, load_manifest, positives, sample_offsets
 from chexdist.data.splits import check_no_leakage
@@ -119,5 +120,5 @@ def verify_shards(shard_dir: str | os.PathLike, workers: int = 1) -> dict:
             results = list(pool.map(_verify_shard, jobs))
     else:
         results = [_verify_shard(job) for job in jobs]
-    problems = [p for r in results for p in r["problems"]] + _split_problems(manifest, jobs, results)
+    problems = [p for r in results for p in r["problems"]] + _split_problems(manifest, jobs, results) + phi_problems(shard_dir)
     return {"ok": not problems, "problems": problems, "samples": sum(r["samples"] for r in results), "shards": len(jobs)}

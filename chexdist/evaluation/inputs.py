@@ -1,6 +1,6 @@
 """Image files as an exported run's model input, exactly as its training data was prepared.
 
-A file goes through packing's decoding and resize (`chexdist.data.images.load_gray8` +
+A file (PNG, JPEG, or DICOM recognised by content) goes through packing's decoding and resize (`chexdist.data.images.load_gray8` +
 `resize_shorter` to the run's packed size, and a JPEG round trip when the shards were JPEG), then
 the run's eval transform (Resize + CenterCrop + normalization). `Geometry` maps original-pixel coordinates (radiologist
 boxes) into the model's input crop. `unlike_training` compares a file with the statistics packing
@@ -21,6 +21,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from chexdist.errors import ChexdistError
+from chexdist.data.dicom import is_dicom
 from chexdist.data.images import encode, image_statistics, load_gray8, resize_shorter
 from chexdist.data.nih import IMAGE_SUFFIXES
 from chexdist.data.transforms import split_normalization
@@ -31,20 +32,25 @@ STAT_NAMES = {"short_side": "shorter side (px)", "aspect": "aspect ratio (w/h)",
 STAT_BAND = ("p0.1", "p99.9")
 
 
+def _is_input(path: Path) -> bool:
+    """A PNG/JPEG by its name, or a DICOM by its content (PACS exports often have no extension)."""
+    return path.is_file() and (path.name.lower().endswith(IMAGE_SUFFIXES) or is_dicom(path))
+
+
 def expand_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], bool]:
-    """Files named directly (any suffix: a non-image fails later, listed) and the PNG/JPEG files under
-    named folders, sorted; the flag says whether a folder was given (progress bars are for folders)."""
+    """Files named directly (any suffix: a non-image fails later, listed) and the PNG/JPEG/DICOM files
+    under named folders, sorted; the flag says whether a folder was given (progress bars are for folders)."""
     files: list[Path] = []
     folder = False
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             folder = True
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+            files += sorted(p for p in path.rglob("*") if _is_input(p))
         else:
             files.append(path)
     if not files:
-        raise ChexdistError(f"no images among {', '.join(map(str, inputs)) or 'the inputs'}; pass PNG/JPEG files or folders of them")
+        raise ChexdistError(f"no images among {', '.join(map(str, inputs)) or 'the inputs'}; pass PNG/JPEG/DICOM files or folders of them")
     return files, folder
 
 
@@ -53,6 +59,11 @@ def packing(info: dict[str, Any]) -> tuple[int, str, int]:
     pack resize, for an imported checkpoint that was never trained on chexdist shards."""
     image = (info.get("shards") or {}).get("image") or {}
     return int(image.get("size") or 0), str(image.get("format") or "png"), int(image.get("quality") or 0)
+
+
+def dicom_window(info: dict[str, Any]) -> str:
+    """The DICOM window the run's shards were rendered with (`image.dicom_window`, default "auto")."""
+    return str(((info.get("shards") or {}).get("image") or {}).get("dicom_window") or "auto")
 
 
 def training_statistics(info: dict[str, Any]) -> dict[str, Any] | None:
@@ -91,7 +102,10 @@ class Prepared:
 
 
 def _has_colour(path: Path) -> bool:
-    """True when the file stores colour whose channels differ (X-rays are gray; RGBA copies of gray are not)."""
+    """True when the file stores colour whose channels differ (X-rays are gray; RGBA copies of gray are not;
+    a DICOM that rendered is MONOCHROME1/2)."""
+    if is_dicom(path):
+        return False
     with Image.open(path) as im:
         if im.mode not in ("RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr"):
             return False
@@ -104,6 +118,7 @@ class InputPipeline:
 
     def __init__(self, info: dict[str, Any], transform: v2.Compose):
         self.size, self.format, self.quality = packing(info)
+        self.window = dicom_window(info)
         per_image, self.normalize = split_normalization(transform)
         self.steps = list(per_image.transforms)
         self.resize = next((t for t in self.steps if isinstance(t, v2.Resize)), None)
@@ -114,7 +129,7 @@ class InputPipeline:
 
     def packed(self, path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
         """The 8-bit image exactly as a shard of this run would hold it, and the file's (h, w)."""
-        original = load_gray8(path)
+        original = load_gray8(path, dicom_window=self.window)
         image = resize_shorter(original, self.size) if self.size else original
         if self.format == "jpg":
             from chexdist.data.samples import decode_gray

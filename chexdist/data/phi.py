@@ -1,0 +1,162 @@
+"""Keep protected health information (PHI) out of everything chexdist writes.
+
+Two halves of one job: keyed pseudonyms for what training needs to keep apart (patients, source
+paths), and a scanner that `chexdist shards verify` runs over a shard folder to report values that
+look like PHI a pseudonym should have replaced.
+
+- Pseudonyms are HMAC-SHA256 of the value under a user key, truncated to 16 hex digits (64 bits: a
+  collision among a million patients has odds of about 1 in 36 million). Without the key nobody can
+  test a guessed MRN against a pseudonym, unlike a plain hash of a short MRN.
+- The key comes from `--id-key-file`, else the `CHEXDIST_ID_KEY` environment variable, else a new
+  random key is written to `<shards>.id-key` beside the shard folder, never inside it (the key must
+  not travel with the shards), and reused by later packs into the same folder.
+- The scanner flags DICOM UIDs, person names in DICOM form (FAMILY^GIVEN), 8-digit dates, and
+  sample fields named after PHI. It reports where and what kind, never the value itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import tarfile
+from pathlib import Path
+
+from chexdist.errors import ChexdistError
+
+KEY_ENV = "CHEXDIST_ID_KEY"
+KEY_SUFFIX = ".id-key"
+MIN_KEY_BYTES = 16
+DIGITS = 16
+
+_PATTERNS = {
+    "DICOM UID": re.compile(r"(?<![\w.])[0-2](?:\.(?:0|[1-9]\d*)){4,}(?![\w.])"),
+    "DICOM person name": re.compile(r"[A-Za-z][A-Za-z'\- ]*\^[A-Za-z'\- ^]*[A-Za-z]"),
+    "date (YYYYMMDD)": re.compile(r"(?<![0-9A-Za-z])(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])(?![0-9A-Za-z])"),
+}
+_PHI_FIELDS = re.compile(r"name|birth|accession|institution|address|phone|mrn|physician|operator|uid|study|series", re.I)
+
+
+def pseudonym(key: bytes, value: str) -> str:
+    """The keyed pseudonym of `value` (16 hex digits); same key and value, same pseudonym."""
+    return hmac.new(key, str(value).encode("utf-8"), hashlib.sha256).hexdigest()[:DIGITS]
+
+
+def pseudonymous_path(key: bytes, relative: str | os.PathLike) -> str:
+    """A source path with every folder and the file stem pseudonymised, the suffix kept."""
+    parts = Path(relative).parts
+    if not parts:
+        return ""
+    *folders, name = parts
+    suffix = Path(name).suffix if len(Path(name).suffix) <= 5 else ""
+    return "/".join([pseudonym(key, f"dir:{'/'.join(parts[: i + 1])}") for i in range(len(folders))] + [pseudonym(key, f"file:{relative}") + suffix])
+
+
+def _checked(key: bytes, where: str) -> bytes:
+    key = key.strip()
+    if len(key) < MIN_KEY_BYTES:
+        raise ChexdistError(f"{where}: the pseudonymisation key has {len(key)} bytes; use at least {MIN_KEY_BYTES} (e.g. `openssl rand -hex 32 > FILE`)")
+    return key
+
+
+def key_file_beside(out: str | os.PathLike) -> Path:
+    out = Path(out).resolve()
+    return out.parent / f"{out.name}{KEY_SUFFIX}"
+
+
+def load_key(key_file: str | os.PathLike | None, out: str | os.PathLike) -> tuple[bytes, str]:
+    """(key, where it came from). A key file inside the shard folder `out` is refused."""
+    out_dir = Path(out).resolve()
+    if key_file is not None:
+        path = Path(key_file).resolve()
+        if out_dir == path.parent or out_dir in path.parents:
+            raise ChexdistError(f"--id-key-file {key_file}: is inside the shard folder {out}; keep the key outside it, or anyone with the shards can test guessed IDs")
+        if not path.is_file():
+            raise ChexdistError(f"--id-key-file {key_file}: file not found")
+        return _checked(path.read_bytes(), f"--id-key-file {key_file}"), f"--id-key-file {key_file}"
+    if os.environ.get(KEY_ENV):
+        return _checked(os.environ[KEY_ENV].encode("utf-8"), f"${KEY_ENV}"), f"${KEY_ENV}"
+    path = key_file_beside(out_dir)
+    if path.is_file():
+        return _checked(path.read_bytes(), str(path)), f"{path} (written by an earlier pack)"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    return _checked(path.read_bytes(), str(path)), f"{path} (new; keep it with the export, outside the shards)"
+
+
+def find(text: str) -> list[str]:
+    """The kinds of PHI-looking values in `text` (empty when none)."""
+    return [kind for kind, pattern in _PATTERNS.items() if pattern.search(text)]
+
+
+def redact(text: str) -> str:
+    """`text` with every PHI-looking value replaced by its kind in brackets."""
+    for kind, pattern in _PATTERNS.items():
+        text = pattern.sub(f"[{kind}]", text)
+    return text
+
+
+def _walk(value, path: str):
+    """(field path, string) for every key and string value in a JSON value."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield f"{path}.{k}", str(k)
+            yield from _walk(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _walk(v, f"{path}[{i}]")
+    elif isinstance(value, str):
+        yield path, value
+
+
+def _json_problems(where: str, obj, sample: bool) -> list[str]:
+    out = []
+    if sample and isinstance(obj, dict):
+        out += [f"{where}: field {k!r} is named after PHI" for k in obj if _PHI_FIELDS.search(str(k))]
+    for field, text in _walk(obj, ""):
+        out += [f"{where}{field}: looks like a {kind}" for kind in find(text)]
+    return out
+
+
+def _text_file_problems(path: Path) -> list[str]:
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            out += _json_problems(f"{path.name}:{number}", json.loads(line), sample=False)
+        except json.JSONDecodeError:
+            out += [f"{path.name}:{number}: looks like a {kind}" for kind in find(line)]
+    return out
+
+
+def _tar_problems(path: Path) -> list[str]:
+    out = []
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                out += [f"{path.name}: member name {member.name!r} looks like a {kind}" for kind in find(member.name)]
+                if member.isfile() and member.name.endswith(".json"):
+                    data = tar.extractfile(member).read().decode("utf-8", errors="replace")
+                    try:
+                        out += _json_problems(f"{path.name}/{member.name}", json.loads(data), sample=True)
+                    except json.JSONDecodeError:
+                        continue  # verify's own sample check reports unparsable json
+    except (tarfile.TarError, OSError):
+        return []  # verify's shard check reports unreadable tars
+    return out
+
+
+def phi_problems(shard_dir: str | os.PathLike) -> list[str]:
+    """One line per PHI-looking value in a shard folder's manifest, errors list and sample json."""
+    shard_dir = Path(shard_dir)
+    out: list[str] = []
+    for path in sorted(p for p in shard_dir.iterdir() if p.is_file()):
+        if path.suffix == ".tar":
+            out += _tar_problems(path)
+        elif path.suffix in (".json", ".jsonl"):
+            out += _text_file_problems(path)
+    return [f"PHI? {line}" for line in out]
