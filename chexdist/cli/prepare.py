@@ -63,7 +63,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 def _print_pack_summary(args: argparse.Namespace, manifest: dict) -> None:
     """What a finished pack holds, and what it could not pack or score."""
-    from chexdist.data.pack import unscorable_splits
+    from chexdist.data.packmanifest import unscorable_splits
 
     counts = ", ".join(f"{s} {v['samples']} ({v['patients']} patients)" for s, v in manifest["splits"].items())
     print(f"packed {counts} into {args.out}")

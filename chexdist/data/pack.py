@@ -1,4 +1,4 @@
-"""Pack an NIH-format download into WebDataset shards + manifest.json + errors.jsonl (`chexdist.data.verify` re-checks them).
+"""Pack a dataset (NIH by default; any reader of `chexdist.data.datasets`) into WebDataset shards + manifest.json + errors.jsonl (`chexdist.data.verify` re-checks them).
 
 Packing is deterministic (same inputs and settings -> byte-identical shards), parallel (each worker
 process decodes, resizes, encodes and writes whole shards, so no image bytes cross processes and the
@@ -20,15 +20,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from chexdist import __version__
 from chexdist.errors import ChexdistError
 from chexdist.utils.fileio import atomic_write_json, atomic_write_jsonl, dumps_json, sha256_file
-from chexdist.data.images import ImageDecodeError, encode, image_statistics, load_gray8, resize_shorter, summarize_statistics
+from chexdist.data.images import ImageDecodeError, encode, image_statistics, load_gray8, resize_shorter
 from chexdist.labels import LABELS
-from chexdist.data.nih import NihRelease, load_release, missing_by_folder
+from chexdist.data.datasets import get_dataset
+from chexdist.data.datasets.base import DatasetTable, LabelPolicy, apply_policy, filter_views, missing_by_parent
 from chexdist.utils.progress import interactive
-from chexdist.data.shardformat import FORMAT_VERSION, MANIFEST, positives, sample_offsets
-from chexdist.data.splits import METHODS, SPLITS, assign_split, describe_lists, read_split_list
+from chexdist.data.packmanifest import build_manifest
+from chexdist.data.shardformat import MANIFEST, label_counts, sample_offsets
+from chexdist.data.splits import METHODS, SPLITS, assign_split, read_split_list
 
 FORMATS = ("png", "jpg")
 ERRORS = "errors.jsonl"
@@ -53,12 +54,21 @@ class PackSettings:
     train_list: str | None = None
     val_list: str | None = None
     test_list: str | None = None
+    dataset: str = "nih"
+    dataset_options: dict = field(default_factory=dict)
+    uncertain: str = "ignore"
+    views: tuple[str, ...] | None = ("PA", "AP")
+
+    @property
+    def policy(self) -> LabelPolicy:
+        return LabelPolicy(uncertain=self.uncertain, views=self.views)
 
     def list_files(self) -> dict[str, str]:
         """--split lists: split name -> list file."""
         return {"train": self.train_list, "val": self.val_list, "test": self.test_list}
 
     def validate(self) -> None:
+        self.policy.validate()
         if self.split not in METHODS:
             raise ChexdistError(f"unknown --split {self.split!r}; choose one of {', '.join(METHODS)}")
         given = {k: v for k, v in self.list_files().items() if v}
@@ -100,25 +110,45 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def _sample_meta(row: pd.Series, split: str) -> dict:
-    def number(value, cast):
-        return None if pd.isna(value) else cast(value)
+def _number(value, cast):
+    return None if value is None or pd.isna(value) else cast(value)
 
+
+def _plain(value):
+    """A table cell as JSON: numpy scalars as Python ones, NaN/None as None."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _sample_meta(row: pd.Series, split: str) -> dict:
     return {
         "image": row["image"],
-        "labels": [int(row[label]) for label in LABELS],
-        "patient_id": int(row["patient_id"]),
-        "follow_up": int(row["follow_up"]),
-        "age": int(row["age"]) if row["age"] >= 0 else None,
-        "sex": row["sex"],
-        "view": row["view"],
-        "orig_size": [number(row["orig_width"], int), number(row["orig_height"], int)],
-        "pixel_spacing": [number(row["spacing_x"], float), number(row["spacing_y"], float)],
+        "labels": [_number(row[label], int) for label in LABELS],
+        "patient_id": _plain(row["patient_id"]),
+        "follow_up": _number(row["follow_up"], int),
+        "age": _number(row["age"], int),
+        "sex": _plain(row["sex"]),
+        "view": _plain(row["view"]),
+        "orig_size": [_number(row.get("orig_width"), int), _number(row.get("orig_height"), int)],
+        "pixel_spacing": [_number(row.get("spacing_x"), float), _number(row.get("spacing_y"), float)],
         "split": split,
     }
 
 
-def plan_shards(release: NihRelease, settings: PackSettings) -> tuple[list[ShardPlan], pd.DataFrame]:
+def read_dataset(root: str | os.PathLike, settings: PackSettings) -> DatasetTable:
+    """The dataset's reader, then the label policy and the view filter; what they leave out is counted."""
+    data = get_dataset(settings.dataset).read(Path(root), dict(settings.dataset_options))
+    rows = apply_policy(data.rows, data.known, settings.policy)
+    rows, dropped = filter_views(rows, settings.views)
+    data.left_out = {**data.left_out, **dropped}
+    if dropped or not data.missing_by_folder:
+        data.missing_by_folder = missing_by_parent(rows) if rows["path"].isna().any() else {}
+    data.rows = rows
+    return data
+
+
+def plan_shards(release: DatasetTable, settings: PackSettings) -> tuple[list[ShardPlan], pd.DataFrame]:
     """Split whole patients, order each split with a seeded shuffle (so shards mix patients), and
     cut it into shards. Returns the plans and the rows whose image file is missing.
 
@@ -126,8 +156,8 @@ def plan_shards(release: NihRelease, settings: PackSettings) -> tuple[list[Shard
     in the full split); with only_present it is made over the rows whose files exist, as if the CSV
     listed only those, so the split fractions hold for what is actually packed."""
     lists = {k: read_split_list(v)[0] for k, v in settings.list_files().items()} if settings.split == "lists" else None
-    table = release.table
-    present = table["image"].isin(release.images.keys())
+    table = release.rows
+    present = table["path"].notna()
     missing = table[~present]
     if lists is not None:  # rows in no list are not packed at all, so not missing either
         missing = missing[missing["image"].isin(set().union(*lists.values()))]
@@ -137,8 +167,8 @@ def plan_shards(release: NihRelease, settings: PackSettings) -> tuple[list[Shard
     split = assign_split(
         table,
         settings.split,
-        train_val=release.train_val,
-        test=release.test,
+        official=table["official_split"],
+        dataset=release.name,
         val_fraction=settings.val_fraction,
         fractions=settings.fractions,
         seed=settings.seed,
@@ -146,10 +176,9 @@ def plan_shards(release: NihRelease, settings: PackSettings) -> tuple[list[Shard
         lists=lists,
     )
     if not present.any():
-        example = next(iter(release.images))
         raise ChexdistError(
-            f"{release.root}: none of the {len(release.images)} image files (e.g. {example}) is listed in "
-            f"{release.csv_path.name}; is --nih-root the right download?"
+            f"{release.root}: none of the {len(table)} images listed in {release.main_source} is there "
+            f"(e.g. {table['image'].iloc[0] if len(table) else '-'}); is --root the right download?"
         )
     packable = table[present].assign(split=split[present])
     if settings.limit is not None:
@@ -160,7 +189,7 @@ def plan_shards(release: NihRelease, settings: PackSettings) -> tuple[list[Shard
         part = packable[packable["split"] == name]
         part = part.iloc[rng.permutation(len(part))]
         rows = [
-            {"path": str(release.images[r["image"]]), "key": Path(r["image"]).stem, "meta": _sample_meta(r, name)}
+            {"path": r["path"], "key": r["key"], "meta": _sample_meta(r, name)}
             for _, r in part.iterrows()
         ]
         for index, start in enumerate(range(0, len(rows), settings.shard_size)):
@@ -225,7 +254,7 @@ def _write_shard(out: Path, plan: ShardPlan, settings: PackSettings) -> dict:
         "bytes": final.stat().st_size,
         "offsets": offsets,
         "patients": sorted({m["patient_id"] for m in metas}),
-        "positives": positives(metas),
+        **label_counts(metas),
         "errors": errors,
         "image_stats": stats,
     }
@@ -259,15 +288,15 @@ def _load_state(out: Path, settings: PackSettings, source_sha: str) -> dict[str,
     return done
 
 
-def _prepare(nih_root, out, settings: PackSettings, workers: int):
+def _prepare(root, out, settings: PackSettings, workers: int):
     """Shared by a whole pack, one array task and the merge: the deterministic shard plan and the
     records of shards already finished (by any process, in any earlier run)."""
     settings.validate()
     if workers < 1:
         raise ChexdistError(f"--workers {workers} must be >= 1")
-    release = load_release(nih_root)
+    release = read_dataset(root, settings)
     out = Path(out)
-    source_sha = sha256_file(release.csv_path)
+    source_sha = next(iter(release.sources.values()))
     plans, missing = plan_shards(release, settings)
     out.mkdir(parents=True, exist_ok=True)  # only once the plan stands: a refused pack leaves no folder
     done = _load_state(out, settings, source_sha)
@@ -294,61 +323,34 @@ def _pack_plans(out: Path, todo: list[ShardPlan], settings: PackSettings, worker
     bar.close()
 
 
-def _finish(out: Path, release: NihRelease, settings: PackSettings, source_sha: str, plans: list[ShardPlan],
+def _finish(out: Path, release: DatasetTable, settings: PackSettings, source_sha: str, plans: list[ShardPlan],
             missing: pd.DataFrame, done: dict) -> dict:
     records = [done[p.name] for p in plans]
     listed_missing = [] if settings.only_present else [
-        {"image": image, "path": None, "split": None, "reason": "missing: listed in the CSV, no file under --nih-root"}
+        {"image": image, "path": None, "split": None, "reason": "missing: listed in the CSV, no file under --root"}
         for image in missing["image"]
     ]
     errors = listed_missing + [e for r in records for e in r["errors"]]
     atomic_write_jsonl(out / ERRORS, errors)
-    manifest = _build_manifest(release, settings, source_sha, records, errors)
+    manifest = build_manifest(release, settings, source_sha, records, errors)
     manifest["missing"] = {
         "rows": len(missing),
-        "by_folder": missing_by_folder(release) if len(missing) else {},
+        "by_folder": release.missing_by_folder if len(missing) else {},
         "in_errors": not settings.only_present,
     }
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
 
 
-def unscorable_splits(manifest: dict) -> dict[str, dict[str, str]]:
-    """Per evaluation split (val, test), the findings it cannot score: AUROC needs both positives and
-    negatives, so such a finding is null in every metric of that split."""
-    found = {}
-    for name in ("val", "test"):
-        info = manifest["splits"].get(name)
-        if info is None:
-            continue
-        n = info["samples"]
-        reasons = {
-            label: ("no positives" if k == 0 else "no negatives")
-            for label, k in info["positives"].items()
-            if k == 0 or k == n
-        }
-        if reasons:
-            found[name] = reasons
-    return found
-
-
-def _split_statistics(records: list[dict], split: str) -> dict | None:
-    """None when a shard of the split was packed before statistics were recorded (a resumed old pack)."""
-    mine = [r for r in records if r["split"] == split]
-    if any("image_stats" not in r for r in mine):
-        return None
-    return summarize_statistics([row for r in mine for row in r["image_stats"]])
-
-
 def pack_dataset(
-    nih_root: str | os.PathLike,
+    root: str | os.PathLike,
     out: str | os.PathLike,
     settings: PackSettings = PackSettings(),
     workers: int = 1,
     progress: bool = True,
 ) -> dict:
-    """Pack (or finish packing) `nih_root` into `out`; returns the manifest."""
-    release, out, source_sha, plans, missing, done = _prepare(nih_root, out, settings, workers)
+    """Pack (or finish packing) `root` (a `settings.dataset` download) into `out`; returns the manifest."""
+    release, out, source_sha, plans, missing, done = _prepare(root, out, settings, workers)
     (out / MANIFEST).unlink(missing_ok=True)
     todo = [p for p in plans if p.name not in done]
     for stale in out.glob(".*.tar.tmp"):
@@ -362,7 +364,7 @@ def task_record_name(task_index: int, num_tasks: int) -> str:
 
 
 def pack_task(
-    nih_root: str | os.PathLike,
+    root: str | os.PathLike,
     out: str | os.PathLike,
     settings: PackSettings,
     task_index: int,
@@ -375,7 +377,7 @@ def pack_task(
     the folder; `merge_tasks` then writes the manifest. Resumable like a whole pack."""
     if num_tasks < 1 or not 0 <= task_index < num_tasks:
         raise ChexdistError(f"--task-index {task_index} must be in 0..{num_tasks - 1} (--num-tasks {num_tasks})")
-    release, out, source_sha, plans, missing, done = _prepare(nih_root, out, settings, workers)
+    release, out, source_sha, plans, missing, done = _prepare(root, out, settings, workers)
     (out / MANIFEST).unlink(missing_ok=True)
     mine = [p for i, p in enumerate(plans) if i % num_tasks == task_index]
     todo = [p for p in mine if p.name not in done]
@@ -394,7 +396,7 @@ def pack_task(
 
 
 def merge_tasks(
-    nih_root: str | os.PathLike,
+    root: str | os.PathLike,
     out: str | os.PathLike,
     settings: PackSettings,
     num_tasks: int | None = None,
@@ -403,7 +405,7 @@ def merge_tasks(
     record (sha256), then write errors.jsonl and the manifest, exactly as a whole pack would."""
     if not (Path(out) / STATE_DIR / "settings.json").is_file():
         raise ChexdistError(f"{out}: no pack task has run here (no {STATE_DIR}/settings.json); run the array tasks first")
-    release, out, source_sha, plans, missing, done = _prepare(nih_root, out, settings, 1)
+    release, out, source_sha, plans, missing, done = _prepare(root, out, settings, 1)
     absent = [(i, p.name) for i, p in enumerate(plans) if p.name not in done]
     if absent:
         tasks = sorted({i % num_tasks for i, _ in absent}) if num_tasks else []
@@ -416,48 +418,3 @@ def merge_tasks(
         if sha256_file(out / plan.name) != done[plan.name]["sha256"]:
             raise ChexdistError(f"{out / plan.name}: sha256 differs from its record in {STATE_DIR}/; delete the shard and rerun its task")
     return _finish(out, release, settings, source_sha, plans, missing, done)
-
-
-def _build_manifest(release: NihRelease, settings: PackSettings, source_sha: str, records: list[dict], errors: list[dict]) -> dict:
-    splits = {}
-    for name in SPLITS:
-        mine = [r for r in records if r["split"] == name]
-        positives = np.sum([r["positives"] for r in mine], axis=0).tolist() if mine else [0] * len(LABELS)
-        splits[name] = {
-            "samples": sum(r["samples"] for r in mine),
-            "patients": len({p for r in mine for p in r["patients"]}),
-            "positives": dict(zip(LABELS, positives)),
-            "shards": [{k: r[k] for k in ("name", "samples", "sha256", "bytes", "offsets") if k in r} for r in mine],
-        }
-    reasons: dict[str, int] = {}
-    for e in errors:
-        kind = e["reason"].split(":")[0]
-        reasons[kind] = reasons.get(kind, 0) + 1
-    return {
-        "format_version": FORMAT_VERSION,
-        "chexdist_version": __version__,
-        "labels": list(LABELS),
-        "image": {
-            "size": settings.size,
-            "format": settings.format,
-            "quality": settings.quality if settings.format == "jpg" else None,
-            "mode": "L",
-            "stats": {name: _split_statistics(records, name) for name in SPLITS},
-        },
-        "split": {
-            "method": settings.split,
-            "seed": settings.seed,
-            "val_fraction": settings.val_fraction if settings.split == "official" else None,
-            "fractions": list(settings.fractions) if settings.split == "random" else None,
-            "stratify": settings.stratify,
-            **({"lists": describe_lists(release.table, settings.list_files())} if settings.split == "lists" else {}),
-        },
-        "shard_size": settings.shard_size,
-        "limit": settings.limit,
-        "source": {"csv": release.csv_path.name, "csv_sha256": source_sha, "rows": int(len(release.table))},
-        "errors": len(errors),
-        "error_reasons": reasons,
-        "splits": splits,
-    }
-
-

@@ -13,7 +13,7 @@ import torch
 
 from chexdist.data.shardformat import IMAGE_KEYS
 from chexdist.errors import ChexdistError
-from chexdist.labels import LABELS, NUM_LABELS
+from chexdist.labels import LABELS, NUM_LABELS, UNKNOWN
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec but they remain the fastest here
 # (512-px PNG 2.2 ms vs PIL 2.6 ms; JPEG 0.44 vs 0.50 ms); PIL takes over once they are gone.
@@ -53,12 +53,15 @@ def image_bytes(sample: dict) -> bytes:
 
 
 def parse_labels(sample: dict) -> tuple[torch.Tensor, dict]:
-    """(float32 labels [14], metadata) from a sample's json part, the labels checked."""
+    """(float32 labels [14], metadata) from a sample's json part, the labels checked; an unknown
+    label (null) becomes NaN (`chexdist.labels.UNKNOWN`)."""
     meta = json.loads(sample["json"])
     labels = meta.get("labels")
-    if not isinstance(labels, list) or len(labels) != NUM_LABELS or any(v not in (0, 1) for v in labels):
-        raise ChexdistError(f"'labels' must be {NUM_LABELS} zeros/ones in the order {', '.join(LABELS)}")
-    return torch.tensor(labels, dtype=torch.float32), meta
+    if not isinstance(labels, list) or len(labels) != NUM_LABELS or any(
+        v is not None and v not in (0, 1) for v in labels
+    ):
+        raise ChexdistError(f"'labels' must be {NUM_LABELS} values 0, 1 or null (unknown) in the order {', '.join(LABELS)}")
+    return torch.tensor([UNKNOWN if v is None else v for v in labels], dtype=torch.float32), meta
 
 
 def read_sample(sample: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:

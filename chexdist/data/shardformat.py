@@ -22,7 +22,8 @@ import numpy as np
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS, check_labels
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 2 adds the dataset, unknown labels (null) and per-finding negatives/unknowns
 MANIFEST = "manifest.json"
 IMAGE_KEYS = ("png", "jpg", "jpeg")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -123,9 +124,10 @@ def load_manifest(shard_dir: str | os.PathLike, manifest_path: str | os.PathLike
         raise ChexdistError(f"{where}: cannot read the manifest ({describe_stream_error(exc)}); check the URL or command") from exc
     if not isinstance(manifest, dict):
         raise ChexdistError(f"{where}: manifest must be a JSON object")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ChexdistError(
-            f"{where}: shard format_version {manifest.get('format_version')!r} is not {FORMAT_VERSION}; re-pack with this chexdist"
+            f"{where}: shard format_version {manifest.get('format_version')!r} is not one of "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; re-pack with this chexdist"
         )
     check_labels(manifest.get("labels", []), source=where)
     if not isinstance(manifest.get("splits"), dict):
@@ -145,12 +147,31 @@ def split_shards(manifest: dict, split: str, where: str = "manifest") -> list[di
     return shards
 
 
-def positives(metas: Iterable[dict]) -> list[int]:
-    """Positives per label (chexdist's order) of samples' metadata: a shard record's and a split's `positives`."""
-    counts = np.zeros(len(LABELS), dtype=np.int64)
+def label_counts(metas: Iterable[dict]) -> dict[str, list[int]]:
+    """Positives, negatives and unknowns (null) per label, chexdist's order, of samples' metadata:
+    a shard record's and (summed) a split's counts."""
+    counts = np.zeros((3, len(LABELS)), dtype=np.int64)
     for meta in metas:
-        counts += np.asarray(meta["labels"], dtype=np.int64)
-    return counts.tolist()
+        values = np.asarray([np.nan if v is None else v for v in meta["labels"]], dtype=float)
+        counts[0] += values == 1
+        counts[1] += values == 0
+        counts[2] += np.isnan(values)
+    return {"positives": counts[0].tolist(), "negatives": counts[1].tolist(), "unknowns": counts[2].tolist()}
+
+
+def positives(metas: Iterable[dict]) -> list[int]:
+    """Positives per label (chexdist's order) of samples' metadata."""
+    return label_counts(metas)["positives"]
+
+
+def split_label_counts(info: dict) -> dict[str, dict[str, int]]:
+    """A manifest split's positives, negatives and unknowns per label; a version-1 split (every label
+    known) has only positives, so its negatives are the other samples and it has no unknowns."""
+    pos = info["positives"]
+    if "negatives" in info and "unknowns" in info:
+        return {"positives": pos, "negatives": info["negatives"], "unknowns": info["unknowns"]}
+    n = info["samples"]
+    return {"positives": pos, "negatives": {k: n - v for k, v in pos.items()}, "unknowns": dict.fromkeys(pos, 0)}
 
 
 def shard_urls(shard_dir: str | os.PathLike, split: str, manifest: dict | None = None) -> list[str]:

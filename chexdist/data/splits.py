@@ -30,7 +30,7 @@ def _carve_patients(patients: np.ndarray, fractions: Sequence[float], rng: np.ra
 def _stratum(table: pd.DataFrame) -> pd.Series:
     """Each patient's rarest finding (or 'none'): random splits stratified by it keep rare classes
     like Hernia in every split."""
-    positives = table.groupby("patient_id")[list(LABELS)].max()
+    positives = table[list(LABELS)].fillna(0).groupby(table["patient_id"]).max()
     prevalence = positives.sum()
     rank = {label: i for i, label in enumerate(prevalence.sort_values(kind="stable").index)}
     rarest = positives.apply(
@@ -69,24 +69,32 @@ def official_split(
     seed: int = 0,
 ) -> pd.Series:
     """NIH's train_val_list/test_list; validation = a seeded fraction of train_val's patients."""
-    if not 0 <= val_fraction < 1:
-        raise ChexdistError(f"val_fraction {val_fraction} must be in [0, 1)")
     train_val_set, test_set = set(train_val), set(test)
     both = train_val_set & test_set
     if both:
         raise ChexdistError(f"{len(both)} image(s) are in both train_val_list.txt and test_list.txt, e.g. {sorted(both)[0]}")
-    in_list = table["image"].isin(train_val_set | test_set)
-    if not in_list.all():
-        example = table["image"][~in_list].iloc[0]
+    official = np.where(table["image"].isin(test_set), "test", np.where(table["image"].isin(train_val_set), "train_val", None))
+    return official_column_split(table, pd.Series(official, index=table.index), val_fraction, seed)
+
+
+def official_column_split(table: pd.DataFrame, official: pd.Series, val_fraction: float = 0.1, seed: int = 0,
+                          dataset: str = "nih") -> pd.Series:
+    """A release's own split (a reader's `official_split`: train, val, test, or train_val whose
+    validation part is a seeded fraction of its patients, as for NIH's train_val_list)."""
+    if not 0 <= val_fraction < 1:
+        raise ChexdistError(f"val_fraction {val_fraction} must be in [0, 1)")
+    unset = official.isna()
+    if unset.any():
+        where = ("train_val_list.txt nor test_list.txt" if dataset == "nih" else f"the official split of {dataset}")
         raise ChexdistError(
-            f"{int((~in_list).sum())} image(s) of the metadata CSV are in neither train_val_list.txt nor "
-            f"test_list.txt, e.g. {example}; use --split random or fix the lists"
+            f"{int(unset.sum())} image(s) of the metadata CSV are in neither {where}, "
+            f"e.g. {table['image'][unset].iloc[0]}; use --split random or fix the lists"
         )
-    split = pd.Series(np.where(table["image"].isin(test_set), "test", "train"), index=table.index, name="split")
-    tv_patients = np.sort(table.loc[split == "train", "patient_id"].unique())
+    split = official.replace("train_val", "train").rename("split")
+    tv_patients = np.sort(table.loc[official == "train_val", "patient_id"].unique())
     rng = np.random.default_rng(seed)
     _, val_patients = _carve_patients(tv_patients, (1 - val_fraction, val_fraction), rng)
-    split[(split == "train") & table["patient_id"].isin(set(val_patients.tolist()))] = "val"
+    split[(official == "train_val") & table["patient_id"].isin(set(val_patients.tolist()))] = "val"
     return split
 
 
@@ -177,7 +185,7 @@ def check_no_leakage(patient_ids: pd.Series, split: pd.Series) -> None:
     per_patient = pd.DataFrame({"patient_id": patient_ids, "split": split}).groupby("patient_id")["split"].nunique()
     leaked = per_patient[per_patient > 1]
     if len(leaked):
-        pid = int(leaked.index[0])
+        pid = leaked.index[0]
         where = sorted(split[patient_ids == pid].unique())
         raise ChexdistError(
             f"patient leakage: {len(leaked)} patient(s) appear in more than one split, "
@@ -195,17 +203,25 @@ def assign_split(
     seed: int = 0,
     stratify: bool = False,
     lists: Mapping[str, Sequence[str]] | None = None,
+    official: pd.Series | None = None,
+    dataset: str = "nih",
 ) -> pd.Series:
     """The single entry point the packer uses: build the split, then check it. `lists` (method
-    "lists"): split name -> image names; rows in no list are UNLISTED and left out of the check."""
+    "lists"): split name -> image names; rows in no list are UNLISTED and left out of the check.
+    `official`: the reader's official_split column (takes the place of train_val/test)."""
     if method not in METHODS:
         raise ChexdistError(f"unknown split method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "official":
-        if train_val is None or test is None:
+        if official is not None and official.notna().any():
+            split = official_column_split(table, official, val_fraction=val_fraction, seed=seed, dataset=dataset)
+        elif train_val is not None and test is not None:
+            split = official_split(table, train_val, test, val_fraction=val_fraction, seed=seed)
+        elif dataset == "nih":
             raise ChexdistError(
                 "--split official needs train_val_list.txt and test_list.txt in --nih-root; use --split random"
             )
-        split = official_split(table, train_val, test, val_fraction=val_fraction, seed=seed)
+        else:
+            raise ChexdistError(f"--split official: this {dataset} table has no official split; use --split random")
     elif method == "lists":
         if lists is None or any(name not in lists for name in SPLITS):
             raise ChexdistError("--split lists needs --train-list, --val-list and --test-list")
@@ -225,6 +241,6 @@ def summarize(table: pd.DataFrame, split: pd.Series) -> dict[str, dict]:
         out[name] = {
             "images": int(len(part)),
             "patients": int(part["patient_id"].nunique()),
-            "positives": {label: int(part[label].sum()) for label in LABELS},
+            "positives": {label: int((part[label] == 1).sum()) for label in LABELS},
         }
     return out

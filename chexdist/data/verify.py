@@ -20,7 +20,8 @@ import pandas as pd
 from chexdist.data.images import ImageDecodeError
 from chexdist.data.phi import phi_problems
 from chexdist.data.samples import read_sample
-from chexdist.data.shardformat import iter_tar, load_manifest, positives, sample_offsets
+from chexdist.data.datasets.base import sample_key
+from chexdist.data.shardformat import iter_tar, label_counts, load_manifest, sample_offsets
 from chexdist.data.splits import check_no_leakage
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS
@@ -28,7 +29,7 @@ from chexdist.utils.fileio import sha256_file
 
 
 def _unread(problems: list[str]) -> dict:
-    return {"problems": problems, "patients": [], "positives": [0] * len(LABELS), "samples": 0}
+    return {"problems": problems, "patients": [], **label_counts([]), "samples": 0}
 
 
 def _sample_problem(exc: Exception) -> str:
@@ -48,7 +49,7 @@ def _check_sample(where: str, key: str, parts: dict, split: str, fmt: str) -> tu
         _, _, meta = read_sample(parts)
     except Exception as exc:  # the loader counts and skips a sample for any error, so verify reports any
         return None, [f"{where}/{key}: {_sample_problem(exc)}"]
-    if meta.get("split") != split or Path(meta.get("image", "")).stem != key:
+    if meta.get("split") != split or sample_key(str(meta.get("image", ""))) != key:
         return meta, [f"{where}/{key}: json says split {meta.get('split')!r} image {meta.get('image')!r}"]
     return meta, []
 
@@ -79,7 +80,7 @@ def _verify_shard(args: tuple[str, dict, str, str]) -> dict:
     return {
         "problems": problems,
         "patients": sorted({m["patient_id"] for m in metas}),
-        "positives": positives(metas),
+        **label_counts(metas),
         "samples": len(metas),
     }
 
@@ -92,14 +93,17 @@ def _split_problems(manifest: dict, jobs: list[tuple], results: list[dict]) -> l
         patient_ids += result["patients"]
         split_of += [split] * len(result["patients"])
     try:
-        check_no_leakage(pd.Series(patient_ids, dtype="int64"), pd.Series(split_of, dtype="object"))
+        check_no_leakage(pd.Series(patient_ids, dtype="object"), pd.Series(split_of, dtype="object"))
     except ChexdistError as exc:
         problems.append(str(exc))
     for split, info in manifest["splits"].items():
         mine = [r for (_, _, s, _), r in zip(jobs, results) if s == split]
-        counts = np.sum([r["positives"] for r in mine], axis=0).tolist() if mine else [0] * len(LABELS)
-        if dict(zip(LABELS, counts)) != info["positives"]:
-            problems.append(f"{split}: positives per label differ from the manifest")
+        for kind in ("positives", "negatives", "unknowns"):
+            if kind not in info:  # a version-1 manifest records positives only
+                continue
+            counts = np.sum([r[kind] for r in mine], axis=0).tolist() if mine else [0] * len(LABELS)
+            if dict(zip(LABELS, counts)) != info[kind]:
+                problems.append(f"{split}: {kind} per label differ from the manifest")
         if len({p for r in mine for p in r["patients"]}) != info["patients"]:
             problems.append(f"{split}: patient count differs from the manifest")
     return problems
