@@ -35,8 +35,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from chexdist.data.images import ImageDecodeError, ImageSource
-from chexdist.data.phi import pseudonym, redact
+from chexdist.data.phi import patient_number, redact
 
+SUFFIXES = (".dcm", ".dicom")
 MAGIC = b"DICM"
 MAGIC_OFFSET = 128
 MAX_PIXELS = 100_000_000  # rows x columns; a 43 x 43 cm detector at 0.1 mm is 18.5 million
@@ -69,7 +70,8 @@ def is_dicom(src: ImageSource) -> bool:
 
 
 def read_dataset(src: ImageSource, where: str, pixels: bool = True):
-    """Parse a DICOM file (path or bytes); without `pixels` the pixel data is not read at all."""
+    """Parse a DICOM file (path or bytes); without `pixels`, values over 1 KB of a file (the pixel
+    data) are not read, only noted as present."""
     if not is_dicom(src):
         raise DicomError(where, "not_dicom", "no DICM magic at byte 128")
     try:
@@ -81,7 +83,7 @@ def read_dataset(src: ImageSource, where: str, pixels: bool = True):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(fp, stop_before_pixels=not pixels)
+            return pydicom.dcmread(fp, defer_size=None if pixels or not isinstance(fp, str) else 1024)
     except (EOFError, OSError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
@@ -212,13 +214,14 @@ class DicomHeader:
     """The only header fields chexdist keeps. `sop_instance_uid` is for matching a labels CSV in
     memory and is never written (`meta` leaves it out)."""
 
-    patient: str | None  # pseudonym (HMAC of PatientID); None when the file has no PatientID
+    patient: int | None  # keyed pseudonym of PatientID (phi.patient_number); None without a PatientID
     view: str | None
     sex: str | None
     age: int | None  # years
     pixel_spacing: tuple[float | None, float | None]  # (x, y) mm
     size: tuple[int, int]  # (width, height)
     sop_instance_uid: str | None = None
+    problem: str | None = None  # why the file yields no image, when its header already says so
 
     def meta(self) -> dict:
         return {"view": self.view, "sex": self.sex, "age": self.age, "pixel_spacing": list(self.pixel_spacing), "orig_size": list(self.size)}
@@ -255,12 +258,18 @@ def read_header(src: ImageSource, key: bytes, name: str | None = None) -> DicomH
     sex = str(ds.get("PatientSex", "") or "").strip().upper()
     view = str(ds.get("ViewPosition", "") or "").strip().upper()
     uid = ds.get("SOPInstanceUID")
+    try:
+        _check_image(ds, where, MAX_PIXELS)
+        problem = None
+    except DicomError as exc:
+        problem = exc.kind
     return DicomHeader(
-        patient=pseudonym(key, patient) if patient else None,
+        patient=patient_number(key, patient) if patient else None,
         view=view or None,
         sex=sex if sex in ("M", "F", "O") else None,
         age=age_years(ds.get("PatientAge")),
         pixel_spacing=_spacing(ds),
         size=(int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)),
         sop_instance_uid=str(uid) if uid else None,
+        problem=problem,
     )

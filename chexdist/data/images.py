@@ -154,6 +154,8 @@ def load_gray8(src: ImageSource, name: str | None = None, dicom_window: str = "a
 
     if dicom.is_dicom(src):
         return dicom.load_dicom_gray8(src, name, window=dicom_window)
+    if _name(src, name).lower().endswith(dicom.SUFFIXES):
+        raise dicom.DicomError(_name(src, name), "not_dicom", "named like a DICOM file but has no DICM magic at byte 128 (not a DICOM Part 10 file)")
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise ChexdistError(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by other code in this process); "

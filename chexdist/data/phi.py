@@ -45,6 +45,12 @@ def pseudonym(key: bytes, value: str) -> str:
     return hmac.new(key, str(value).encode("utf-8"), hashlib.sha256).hexdigest()[:DIGITS]
 
 
+def patient_number(key: bytes, value: str) -> int:
+    """The keyed pseudonym of a patient ID as a non-negative 60-bit integer (shards, like NIH's,
+    hold integer patient IDs): the first 15 hex digits of the HMAC."""
+    return int(hmac.new(key, f"patient:{value}".encode("utf-8"), hashlib.sha256).hexdigest()[:15], 16)
+
+
 def pseudonymous_path(key: bytes, relative: str | os.PathLike) -> str:
     """A source path with every folder and the file stem pseudonymised, the suffix kept."""
     parts = Path(relative).parts
@@ -67,26 +73,45 @@ def key_file_beside(out: str | os.PathLike) -> Path:
     return out.parent / f"{out.name}{KEY_SUFFIX}"
 
 
-def load_key(key_file: str | os.PathLike | None, out: str | os.PathLike) -> tuple[bytes, str]:
-    """(key, where it came from). A key file inside the shard folder `out` is refused."""
+def key_source(key_file: str | os.PathLike | None, out: str | os.PathLike) -> tuple[str | None, str]:
+    """(the key file to use, or None for $CHEXDIST_ID_KEY; where the key is, in words). Without
+    either, a new random key file is written beside the shard folder `out`; a key file inside
+    `out` is refused."""
     out_dir = Path(out).resolve()
     if key_file is not None:
         path = Path(key_file).resolve()
         if out_dir == path.parent or out_dir in path.parents:
             raise ChexdistError(f"--id-key-file {key_file}: is inside the shard folder {out}; keep the key outside it, or anyone with the shards can test guessed IDs")
-        if not path.is_file():
-            raise ChexdistError(f"--id-key-file {key_file}: file not found")
-        return _checked(path.read_bytes(), f"--id-key-file {key_file}"), f"--id-key-file {key_file}"
+        read_key(str(path))
+        return str(path), f"--id-key-file {path}"
     if os.environ.get(KEY_ENV):
-        return _checked(os.environ[KEY_ENV].encode("utf-8"), f"${KEY_ENV}"), f"${KEY_ENV}"
+        read_key(None)
+        return None, f"${KEY_ENV}"
     path = key_file_beside(out_dir)
     if path.is_file():
-        return _checked(path.read_bytes(), str(path)), f"{path} (written by an earlier pack)"
+        read_key(str(path))
+        return str(path), f"{path} (written by an earlier pack)"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32) + "\n")
-    return _checked(path.read_bytes(), str(path)), f"{path} (new; keep it with the export, outside the shards)"
+    return str(path), f"{path} (new: keep it, outside the shards, to pseudonymise later exports the same way)"
+
+
+def read_key(key_file: str | os.PathLike | None) -> bytes:
+    """The key in `key_file`, or in $CHEXDIST_ID_KEY when None; refused when absent or short."""
+    if key_file is None:
+        if not os.environ.get(KEY_ENV):
+            raise ChexdistError(f"no pseudonymisation key: pass --id-key-file FILE or set ${KEY_ENV}")
+        return _checked(os.environ[KEY_ENV].encode("utf-8"), f"${KEY_ENV}")
+    if not os.path.isfile(key_file):
+        raise ChexdistError(f"--id-key-file {key_file}: file not found")
+    return _checked(Path(key_file).read_bytes(), f"--id-key-file {key_file}")
+
+
+def key_check(key: bytes) -> str:
+    """A fingerprint of the key (the pseudonym of a fixed text): tells keys apart, reveals nothing."""
+    return pseudonym(key, "chexdist key check")
 
 
 def find(text: str) -> list[str]:
