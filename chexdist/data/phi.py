@@ -91,11 +91,26 @@ def key_source(key_file: str | os.PathLike | None, out: str | os.PathLike) -> tu
     if path.is_file():
         read_key(str(path))
         return str(path), f"{path} (written by an earlier pack)"
+    if _create_key(path):
+        return str(path), f"{path} (new: keep it, outside the shards, to pseudonymise later exports the same way)"
+    return str(path), f"{path} (written by a concurrent pack task)"
+
+
+def _create_key(path: Path) -> bool:
+    """Write a random key to `path` unless it exists; complete or absent, never half-written (pack
+    array tasks may race here: the first link wins, the others read its key)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32) + "\n")
-    return str(path), f"{path} (new: keep it, outside the shards, to pseudonymise later exports the same way)"
+    try:
+        os.link(temp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        temp.unlink()
 
 
 def read_key(key_file: str | os.PathLike | None) -> bytes:
@@ -162,12 +177,12 @@ def _tar_problems(path: Path) -> list[str]:
     out = []
     try:
         with tarfile.open(path) as tar:
-            for member in tar:
-                out += [f"{path.name}: member name {member.name!r} looks like a {kind}" for kind in find(member.name)]
+            for number, member in enumerate(tar, 1):
+                out += [f"{path.name} member {number}: its name looks like a {kind}" for kind in find(member.name)]
                 if member.isfile() and member.name.endswith(".json"):
                     data = tar.extractfile(member).read().decode("utf-8", errors="replace")
                     try:
-                        out += _json_problems(f"{path.name}/{member.name}", json.loads(data), sample=True)
+                        out += _json_problems(f"{path.name} member {number}", json.loads(data), sample=True)
                     except json.JSONDecodeError:
                         continue  # verify's own sample check reports unparsable json
     except (tarfile.TarError, OSError):
