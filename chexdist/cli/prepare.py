@@ -113,6 +113,12 @@ def _print_pack_summary(args: argparse.Namespace, manifest: dict) -> None:
         reasons = ", ".join(f"{n:,} {k}" for k, n in manifest["error_reasons"].items())
         print(f"skipped {manifest['errors']:,} input(s) ({reasons}); listed in {os.path.join(args.out, 'errors.jsonl')}")
     for split, reasons in unscorable_splits(manifest).items():
+        unlabelled = [label for label, why in reasons.items() if why == "unknown in every sample"]
+        reasons = {label: why for label, why in reasons.items() if label not in unlabelled}
+        if unlabelled and split == "test":
+            print(f"not labelled in this dataset (unknown, never scored): {', '.join(unlabelled)}")
+        if not reasons:
+            continue
         samples = manifest["splits"][split]["samples"]
         examples = ", ".join(f"{label} ({why})" for label, why in list(reasons.items())[:3])
         print(f"chexdist: warning: the {split} split ({samples} image{'s' if samples != 1 else ''}) cannot score {len(reasons)} of "
@@ -156,11 +162,14 @@ def format_info(manifest: dict) -> str:
     row("images", [str(manifest["splits"][s]["samples"]) for s in splits])
     row("patients", [str(manifest["splits"][s]["patients"]) for s in splits])
     row("shards", [str(len(manifest["splits"][s]["shards"])) for s in splits])
+    from chexdist.data.shardformat import split_label_counts
+
+    counts = {s: split_label_counts(manifest["splits"][s]) for s in splits}
     for label in manifest["labels"]:
         cells = []
         for s in splits:
-            n, pos = manifest["splits"][s]["samples"], manifest["splits"][s]["positives"][label]
-            cells.append(f"{pos} ({100 * pos / n:.1f}%)" if n else "0")
+            pos, neg = counts[s]["positives"][label], counts[s]["negatives"][label]
+            cells.append(f"{pos} ({100 * pos / (pos + neg):.1f}%)" if pos + neg else "unknown")
         row(label, cells)
     return "\n".join(lines)
 
