@@ -90,8 +90,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               level=args.level or 0.95, out=args.out)
         m = result["macro"]
         show = lambda v, sign="": "n/a" if v is None else f"{v:{sign}.4f}"  # noqa: E731
+        from chexdist.evaluation.evaluate import p_text
+
         print(f"macro AUROC {show(m['auc_a'])} (a) vs {show(m['auc_b'])} (b): b - a = {show(m['diff'], '+')} "
-              f"[{show(m['ci'][0], '+')}, {show(m['ci'][1], '+')}] on {result['images']} images of {result['patients']} patients")
+              f"[{show(m['ci'][0], '+')}, {show(m['ci'][1], '+')}], bootstrap p {p_text(m['p_boot'], m['resamples'])}, "
+              f"from {result['bootstrap']['n_boot']} paired patient resamples on {result['images']} images of {result['patients']} patients")
         print(f"wrote {result['out']}/compare.json and compare.md")
         return 0
     if not args.run:
@@ -102,9 +105,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if result is None:  # not the main process of a launch
         return 0
     auc, f1 = result["macro"]["auc"], result["macro"]["f1"]
-    ci = f" [{auc['ci'][0]:.4f}, {auc['ci'][1]:.4f}]" if auc and auc.get("ci") else ""
+    boot = result["bootstrap"]
+    ci = (f" [{auc['ci'][0]:.4f}, {auc['ci'][1]:.4f}] ({boot['level']:.0%} CI, {boot['n_boot']} patient resamples)"
+          if auc and auc.get("ci") else "")
+    show = lambda e: "n/a" if e is None else f"{e['value']:.4f}"  # noqa: E731
     print(f"{result['split']}: {result['samples']} images of {result['patients']} patients; macro AUROC "
-          f"{auc['value']:.4f}{ci}, macro F1 {f1['value']:.4f} at {'val-tuned' if result['thresholds_tuned'] else 'untuned 0.5'} thresholds")
+          f"{show(auc)}{ci}, macro F1 {show(f1)} at {'val-tuned' if result['thresholds_tuned'] else 'untuned 0.5'} thresholds")
+    reasons: dict[str, list[str]] = {}
+    for name, why in (result.get("not_scored") or {}).items():
+        reasons.setdefault(why, []).append(name)
+    for why, names in reasons.items():
+        print(f"not scored: {', '.join(names)}: {why}")
     for note in result["notes"]:
         print(f"note: {note}")
     print(f"wrote {result['out']} (metrics.json, per_class.csv, predictions.csv, report.md"

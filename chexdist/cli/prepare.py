@@ -18,15 +18,43 @@ def default_workers() -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from chexdist.data.synth import make_synthetic_nih
 
+    if args.layout != "nih":
+        from chexdist.data.synthlayouts import make_synthetic
+
+        summary = make_synthetic(args.out, args.layout, images=args.images, size=args.size, seed=args.seed)
+        print(f"wrote a synthetic {args.layout} dataset ({summary['studies']} studies of {summary['patients']} patients) "
+              f"to {args.out}; pack it with: chexdist pack {' '.join(summary['pack_args'])} --out shards/{args.layout}")
+        return 0
     summary = make_synthetic_nih(args.out, images=args.images, size=args.size, seed=args.seed)
     print(f"wrote {summary['images']} images of {summary['patients']} patients to {args.out}")
     return 0
 
 
+def _pack_root(args: argparse.Namespace) -> str:
+    """--root, or --nih-root (today's spelling, which implies --dataset nih)."""
+    if args.nih_root is not None:
+        if args.root is not None or args.dataset not in (None, "nih"):
+            raise ChexdistError("--nih-root is --dataset nih --root DIR; give either --nih-root or --dataset/--root")
+        args.dataset = "nih"
+        return args.nih_root
+    if args.root is None:
+        raise ChexdistError("chexdist pack needs --root DIR (or --nih-root DIR for NIH)")
+    args.dataset = args.dataset or "nih"
+    return args.root
+
+
 def cmd_pack(args: argparse.Namespace) -> int:
+    from chexdist.data.datasets import get_dataset
+    from chexdist.data.datasets.base import parse_views
     from chexdist.data.pack import PackSettings, merge_tasks, pack_dataset, pack_task
 
+    root = args.nih_root = _pack_root(args)
+    dataset = get_dataset(args.dataset)
     settings = PackSettings(
+        dataset=args.dataset,
+        dataset_options=dataset.options(args),
+        uncertain=args.uncertain,
+        views=parse_views(args.views),
         split=args.split,
         size=args.size,
         format=args.format,
@@ -45,18 +73,18 @@ def cmd_pack(args: argparse.Namespace) -> int:
     if args.task_index is not None:
         if args.merge or args.num_tasks is None:
             raise ChexdistError("--task-index needs --num-tasks N and excludes --merge")
-        record = pack_task(args.nih_root, args.out, settings, args.task_index, args.num_tasks,
+        record = pack_task(root, args.out, settings, args.task_index, args.num_tasks,
                            workers=args.workers, progress=not args.quiet)
         print(f"task {args.task_index} of {args.num_tasks}: packed {len(record['shards'])} shard(s), "
               f"{record['samples']} samples, {record['errors']} skipped, into {args.out}; "
               "run --merge when every task is done")
         return 0
     if args.merge:
-        manifest = merge_tasks(args.nih_root, args.out, settings, num_tasks=args.num_tasks)
+        manifest = merge_tasks(root, args.out, settings, num_tasks=args.num_tasks)
     elif args.num_tasks is not None:
         raise ChexdistError("--num-tasks goes with --task-index I (one array task) or --merge")
     else:
-        manifest = pack_dataset(args.nih_root, args.out, settings, workers=args.workers, progress=not args.quiet)
+        manifest = pack_dataset(root, args.out, settings, workers=args.workers, progress=not args.quiet)
     _print_pack_summary(args, manifest)
     return 0
 
@@ -79,10 +107,18 @@ def _print_pack_summary(args: argparse.Namespace, manifest: dict) -> None:
         if missing["in_errors"]:
             print("  they are listed in errors.jsonl; pass --only-present to pack only the rows that have files "
                   "(split over those rows) and count the rest instead of listing them")
+    if manifest.get("left_out"):
+        print("left out: " + ", ".join(f"{n:,} {why}" for why, n in manifest["left_out"].items()))
     if manifest["errors"]:
         reasons = ", ".join(f"{n:,} {k}" for k, n in manifest["error_reasons"].items())
         print(f"skipped {manifest['errors']:,} input(s) ({reasons}); listed in {os.path.join(args.out, 'errors.jsonl')}")
     for split, reasons in unscorable_splits(manifest).items():
+        unlabelled = [label for label, why in reasons.items() if why == "unknown in every sample"]
+        reasons = {label: why for label, why in reasons.items() if label not in unlabelled}
+        if unlabelled and split == "test":
+            print(f"not labelled in this dataset (unknown, never scored): {', '.join(unlabelled)}")
+        if not reasons:
+            continue
         samples = manifest["splits"][split]["samples"]
         examples = ", ".join(f"{label} ({why})" for label, why in list(reasons.items())[:3])
         print(f"chexdist: warning: the {split} split ({samples} image{'s' if samples != 1 else ''}) cannot score {len(reasons)} of "
@@ -126,11 +162,14 @@ def format_info(manifest: dict) -> str:
     row("images", [str(manifest["splits"][s]["samples"]) for s in splits])
     row("patients", [str(manifest["splits"][s]["patients"]) for s in splits])
     row("shards", [str(len(manifest["splits"][s]["shards"])) for s in splits])
+    from chexdist.data.shardformat import split_label_counts
+
+    counts = {s: split_label_counts(manifest["splits"][s]) for s in splits}
     for label in manifest["labels"]:
         cells = []
         for s in splits:
-            n, pos = manifest["splits"][s]["samples"], manifest["splits"][s]["positives"][label]
-            cells.append(f"{pos} ({100 * pos / n:.1f}%)" if n else "0")
+            pos, neg = counts[s]["positives"][label], counts[s]["negatives"][label]
+            cells.append(f"{pos} ({100 * pos / (pos + neg):.1f}%)" if pos + neg else "unknown")
         row(label, cells)
     return "\n".join(lines)
 
@@ -145,8 +184,10 @@ def cmd_shards_info(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `synth`, `pack` and `shards` to the `chexdist` subcommands."""
-    p = sub.add_parser("synth", help="write a synthetic dataset in the exact NIH file layout")
-    p.add_argument("out", help="output folder (becomes an --nih-root)")
+    p = sub.add_parser("synth", help="write a synthetic dataset in a release's exact file layout (NIH by default)")
+    p.add_argument("out", help="output folder (becomes the --root of chexdist pack)")
+    p.add_argument("--layout", default="nih", choices=("nih", "chexpert", "mimic", "padchest", "csv"),
+                   help="the release whose files to write (default nih)")
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
@@ -165,8 +206,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _register_pack(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pack", help="pack an NIH-format download into WebDataset shards")
-    p.add_argument("--nih-root", required=True, help="folder with Data_Entry_2017*.csv[.gz] and images")
+    from chexdist.data.datasets import REGISTRY, available
+
+    p = sub.add_parser("pack", help="pack a dataset (NIH, CheXpert, MIMIC-CXR-JPG, PadChest, VinDr-CXR, a CSV) into WebDataset shards")
+    p.add_argument("--dataset", default=None, help=f"one of {', '.join(REGISTRY)} (default nih)")
+    p.add_argument("--root", default=None, help="the dataset's download folder")
+    p.add_argument("--nih-root", default=None, help="= --dataset nih --root DIR (Data_Entry_2017*.csv[.gz] and images)")
+    p.add_argument("--uncertain", default="ignore", help="uncertain (-1) labels: ignore (unknown), ones or zeros")
+    p.add_argument("--views", default="PA,AP", help="views to keep, e.g. PA,AP (default) or all (laterals too)")
     p.add_argument("--out", required=True, help="shard folder, e.g. shards/nih")
     p.add_argument("--split", default="random",
                    help="official (needs train_val_list.txt/test_list.txt), random, or lists (--train-list/--val-list/--test-list)")
@@ -193,4 +240,6 @@ def _register_pack(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-tasks", type=int, default=None, metavar="N", help="array job: number of tasks")
     p.add_argument("--merge", action="store_true",
                    help="after all array tasks: verify their shards and write manifest.json + errors.jsonl")
+    for name, dataset in available().items():
+        dataset.add_pack_arguments(p.add_argument_group(f"--dataset {name}", dataset.summary))
     p.set_defaults(func=cmd_pack)

@@ -59,6 +59,7 @@ from chexdist.data.shardformat import (
     iter_tar,
     load_manifest,
     local_path,
+    patient_code,
     resolve,
     sample_offsets,
     split_shards,
@@ -439,7 +440,7 @@ class EvalStream(IterableDataset):
                 images.append(decoded.image)
                 labels[row] = decoded.labels
                 valid[row] = True
-                patient[row] = int(decoded.meta.get("patient_id", -1))
+                patient[row] = patient_code(decoded.meta.get("patient_id"))  # string IDs (CheXpert) hashed
                 pad = torch.zeros_like(decoded.image) if pad is None else pad
             if any(image is None for image in images):
                 pad = self._pad() if pad is None else pad

@@ -143,7 +143,7 @@ def read_dataset(root: str | os.PathLike, settings: PackSettings) -> DatasetTabl
     rows, dropped = filter_views(rows, settings.views)
     data.left_out = {**data.left_out, **dropped}
     if dropped or not data.missing_by_folder:
-        data.missing_by_folder = missing_by_parent(rows) if rows["path"].isna().any() else {}
+        data.missing_by_folder = missing_by_parent(rows, data.folder_depth) if rows["path"].isna().any() else {}
     data.rows = rows
     return data
 

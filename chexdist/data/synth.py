@@ -341,6 +341,12 @@ def _plan(images: int, size: int, seed: int, patients: int | None) -> tuple[list
     return rows, test_patients
 
 
+def plan(images: int, size: int, seed: int, patients: int | None = None) -> tuple[list[_Row], set[int]]:
+    """The synthetic rows (patient, follow-up, labels, motif placements ...) and the test patients;
+    the other layouts (`chexdist.data.synthlayouts`) write the same plan in their release's files."""
+    return _plan(images, size, seed, patients)
+
+
 def _finding_text(labels: tuple[int, ...]) -> str:
     names = sorted(LABELS[i] for i, b in enumerate(labels) if b)
     return "|".join(names) if names else NO_FINDING

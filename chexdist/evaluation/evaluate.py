@@ -37,7 +37,7 @@ from chexdist.evaluation.metrics import (
     threshold_array,
     tune_thresholds,
 )
-from chexdist.data.shardformat import load_manifest, split_shards
+from chexdist.data.shardformat import dataset_name, load_manifest, split_shards
 
 METRICS = ("auc", "ap", "f1", "precision", "recall", "specificity")
 METRIC_NAMES = {"auc": "AUROC", "ap": "AP", "f1": "F1", "precision": "precision", "recall": "recall",
@@ -71,6 +71,8 @@ def _num(value: float) -> float | None:
 
 
 def _null_reason(metric: str, positives: int, negatives: int) -> str | None:
+    if positives == 0 and negatives == 0:
+        return "not labelled in this split's dataset (unknown in every sample)"
     if positives == 0 and metric in ("auc", "ap", "f1", "precision", "recall"):
         return "no positives in this split: undefined"
     if negatives == 0 and metric in ("auc", "ap", "specificity"):
@@ -110,9 +112,8 @@ def summarize(probs: np.ndarray, targets: np.ndarray, patients: np.ndarray, thre
     n = len(targets)
     per_class: dict[str, Any] = {}
     for j, name in enumerate(labels):
-        pos = int(point["positives"][name])
-        neg = n - pos
-        entry: dict[str, Any] = {"positives": pos, "negatives": neg, "threshold": float(t[j])}
+        pos, neg = int(point["positives"][name]), int(point["negatives"][name])
+        entry: dict[str, Any] = {"positives": pos, "negatives": neg, "unknown": n - pos - neg, "threshold": float(t[j])}
         reasons = {}
         for key in METRICS:
             reason = _null_reason(key, pos, neg)
@@ -130,6 +131,8 @@ def summarize(probs: np.ndarray, targets: np.ndarray, patients: np.ndarray, thre
         "per_class": per_class,
         "macro": macro,
         "macro_over": {key: [name for name in labels if per_class[name][key] is not None] for key in METRICS},
+        "not_scored": {name: per_class[name]["null_reasons"]["auc"] for name in labels
+                       if per_class[name]["auc"] is None},
         "bootstrap": None if ci is None else {
             "method": ci["method"], "resampling": "patients", "n_boot": ci["n_boot"], "level": ci["level"],
             "seed": ci["seed"], "patients": ci["n_groups"],
@@ -182,8 +185,10 @@ def per_class_csv(summary: dict[str, Any], labels=LABELS) -> str:
 
 
 def predictions_csv(keys: list[str], patients: np.ndarray, probs: np.ndarray, targets: np.ndarray, labels=LABELS) -> str:
+    """One row per image; an unknown label (NaN) is a blank cell."""
     header = ["image", "patient_id", *[f"prob_{n}" for n in labels], *[f"label_{n}" for n in labels]]
-    rows = [[k, int(pid), *[f"{v:.17g}" for v in p], *[int(v) for v in y]] for k, pid, p, y in zip(keys, patients, probs, targets)]
+    rows = [[k, int(pid), *[f"{v:.17g}" for v in p], *["" if np.isnan(v) else int(v) for v in y]]
+            for k, pid, p, y in zip(keys, patients, probs, np.asarray(targets, dtype=np.float64))]
     return _csv_text(header, rows)
 
 
@@ -202,7 +207,7 @@ def read_predictions(path: str | os.PathLike, labels=LABELS) -> dict[str, Any]:
         "keys": table["image"].tolist(),
         "patients": table["patient_id"].to_numpy(),
         "probs": table[[f"prob_{n}" for n in labels]].to_numpy(dtype=np.float64),
-        "targets": table[[f"label_{n}" for n in labels]].to_numpy(dtype=np.int64),
+        "targets": table[[f"label_{n}" for n in labels]].to_numpy(dtype=np.float64),  # blank -> NaN (unknown)
     }
 
 
@@ -231,12 +236,17 @@ def report_markdown(result: dict[str, Any], published: list[dict[str, Any]], plo
         lines.append("- no confidence intervals (--bootstrap 0)")
     for note in result["notes"]:
         lines.append(f"- **note:** {note}")
-    lines += ["", "## Per class", "", "| finding | positives | threshold | " + " | ".join(METRIC_NAMES[k] for k in METRICS) + " |",
-              "|---|---:|---:|" + "---|" * len(METRICS)]
+    lines += ["", "## Per class", "", "| finding | positives | negatives | threshold | " + " | ".join(METRIC_NAMES[k] for k in METRICS)
+              + " | AUROC CI resamples |", "|---|---:|---:|---:|" + "---|" * len(METRICS) + "---:|"]
     for name in labels:
         e = s["per_class"][name]
-        lines.append(f"| {name} | {e['positives']} | {e['threshold']:.3f} | " + " | ".join(_ci_text(e[k]) for k in METRICS) + " |")
-    lines.append("| **macro** | | | " + " | ".join(_ci_text(s["macro"][k]) for k in METRICS) + " |")
+        used = (e["auc"] or {}).get("ci_resamples", "")
+        lines.append(f"| {name} | {e['positives']} | {e['negatives']} | {e['threshold']:.3f} | "
+                     + " | ".join(_ci_text(e[k]) for k in METRICS) + f" | {used} |")
+    lines.append("| **macro** | | | | " + " | ".join(_ci_text(s["macro"][k]) for k in METRICS)
+                 + f" | {(s['macro']['auc'] or {}).get('ci_resamples', '')} |")
+    if s.get("not_scored"):
+        lines += ["", "## Findings not scored", ""] + [f"- {name}: {why}" for name, why in s["not_scored"].items()]
     unscored = {k: [n for n in labels if s["per_class"][n][k] is None] for k in METRICS}
     if any(unscored.values()):
         lines += ["", "Undefined cells (n/a) are left out of the macro means: "
@@ -298,12 +308,14 @@ def draw_figures(out: Path, probs: np.ndarray, targets: np.ndarray, summary: dic
                 ax.plot(mean_p[kept], observed[kept], marker="o", lw=1.5)
                 ax.set_xlabel("mean predicted", fontsize=8)
                 ax.set_ylabel("observed rate", fontsize=8)
-                ax.text(0.03, 0.92, f"ECE {summary['calibration']['ece'][name]:.3f}", fontsize=8, transform=ax.transAxes)
+                ece = summary["calibration"]["ece"][name]
+                ax.text(0.03, 0.92, "ECE n/a (unknown)" if ece is None else f"ECE {ece:.3f}", fontsize=8, transform=ax.transAxes)
                 continue
             if entry["auc"] is None:
                 ax.text(0.5, 0.5, "undefined\n(" + entry["null_reasons"]["auc"] + ")", ha="center", va="center", fontsize=8, wrap=True)
                 continue
-            pts = curve_points(probs[:, j], targets[:, j])
+            known = ~np.isnan(targets[:, j])
+            pts = curve_points(probs[known, j], targets[known, j])
             if kind == "ROC":
                 ax.plot([0, 1], [0, 1], color="0.7", lw=1)
                 ax.plot(pts["fpr"], pts["tpr"], lw=1.5)
@@ -312,7 +324,7 @@ def draw_figures(out: Path, probs: np.ndarray, targets: np.ndarray, summary: dic
                 ax.text(0.45, 0.06, f"AUROC {_ci_text(entry['auc'])}", fontsize=8, transform=ax.transAxes)
             else:
                 ax.step(pts["recall"], pts["precision"], where="post", lw=1.5)
-                ax.axhline(entry["positives"] / summary["samples"], color="0.7", lw=1)
+                ax.axhline(entry["positives"] / (entry["positives"] + entry["negatives"]), color="0.7", lw=1)
                 ax.set_xlabel("recall", fontsize=8)
                 ax.set_ylabel("precision", fontsize=8)
                 ax.text(0.35, 0.92, f"AP {_ci_text(entry['ap'])}", fontsize=8, transform=ax.transAxes)
@@ -335,6 +347,14 @@ def _accelerator():
     return make_accelerator()
 
 
+def external_dataset(info: dict[str, Any], manifest: dict[str, Any]) -> tuple[str, str] | None:
+    """(trained on, scored on) when the shards hold another dataset than the run was trained on."""
+    trained = info.get("shards") or {}
+    names = trained.get("datasets") or [dataset_name(trained)]
+    here = dataset_name(manifest)
+    return None if here in names else ("+".join(map(str, names)), here)
+
+
 def _split_notes(split: str, info: dict[str, Any], manifest: dict[str, Any], tuned: bool) -> list[str]:
     notes = []
     if split == "val":
@@ -343,8 +363,15 @@ def _split_notes(split: str, info: dict[str, Any], manifest: dict[str, Any], tun
         notes.append("scored on the TRAINING split: every number is optimistic")
     if not tuned:
         notes.append("thresholds are 0.5 for every class, not tuned (imported checkpoint): F1 is not comparable with a val-tuned F1")
+    external = external_dataset(info, manifest)
     trained = info.get("shards")
-    if trained and (trained.get("split") != manifest.get("split") or trained.get("source") != manifest.get("source")):
+    if external:
+        notes.append(
+            f"external validation: trained on {external[0]}, scored on {external[1]}; the thresholds are the ones tuned on "
+            f"the training data's validation split ({external[0]}), not on {external[1]}; findings {external[1]} does not "
+            "label are not scored"
+        )
+    elif trained and (trained.get("split") != manifest.get("split") or trained.get("source") != manifest.get("source")):
         notes.append(
             "these shards were packed with another split or CSV than the run was trained on "
             f"(trained: {json.dumps(trained.get('split'))}, here: {json.dumps(manifest.get('split'))}); "
@@ -383,7 +410,7 @@ def evaluate_run(run: str | os.PathLike, split: str = "test", checkpoint: str | 
         return None
     if len(preds.targets) == 0:
         raise ChexdistError(f"{shards}: no readable sample in the {split} split ({preds.skipped} skipped)")
-    probs, targets = preds.probs.astype(np.float64), preds.targets.numpy().astype(np.int64)
+    probs, targets = preds.probs.astype(np.float64), preds.targets.numpy().astype(np.float64)  # NaN: unknown
     patients = preds.patient_id.numpy()
     summary = summarize(probs, targets, patients, loaded.thresholds, n_boot=n_boot, seed=seed, level=level, ci_method=ci_method)
     tuned = loaded.thresholds_tuned
@@ -401,6 +428,8 @@ def evaluate_run(run: str | os.PathLike, split: str = "test", checkpoint: str | 
         "thresholds_source": ("best.json: tuned for max F1 on the VALIDATION split during training" if tuned
                               else "0.5 for every class (imported checkpoint; not tuned)"),
         "notes": _split_notes(split, loaded.info, manifest, tuned),
+        "dataset": dataset_name(manifest),
+        "external": (lambda e: None if e is None else {"trained_on": e[0], "scored_on": e[1]})(external_dataset(loaded.info, manifest)),
         "chexdist_version": __version__,
         "summary": summary,
     }
@@ -440,7 +469,7 @@ def _aligned(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str) -> 
                 "targets": t["targets"][order]}
 
     a, b = ordered(a), ordered(b)
-    if not np.array_equal(a["targets"], b["targets"]) or not np.array_equal(a["patients"], b["patients"]):
+    if not np.array_equal(a["targets"], b["targets"], equal_nan=True) or not np.array_equal(a["patients"], b["patients"]):
         raise ChexdistError(f"{name_a} and {name_b}: the same images carry different labels or patient ids; repack or re-evaluate on the same shards")
     return a, b
 
@@ -466,14 +495,18 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, split: str 
         d = delong[name]
         defined = _num(boot["diff"]) is not None
         per_class[name] = {
-            "positives": int(a["targets"][:, LABELS.index(name)].sum()),
+            "positives": int((a["targets"][:, LABELS.index(name)] == 1).sum()),
+            "negatives": int((a["targets"][:, LABELS.index(name)] == 0).sum()),
             "auc_a": _num(boot["auc_a"]), "auc_b": _num(boot["auc_b"]), "diff": _num(boot["diff"]),
             "ci": [_num(v) for v in boot["ci"]] if boot["n_used"] else None,
             "p_boot": _num(boot["p_boot"]) if boot["n_used"] else None,
+            "resamples": int(boot["n_used"]),
             "delong": {k: _num(d[k]) for k in ("se", "z", "p")} if _num(d["p"]) is not None else None,
         }
         if not defined:
-            per_class[name]["null_reason"] = "AUROC undefined (no positives or no negatives on these images)"
+            unknown = per_class[name]["positives"] + per_class[name]["negatives"] == 0
+            per_class[name]["null_reason"] = ("unknown on every image (this dataset does not label it)" if unknown else
+                                              "AUROC undefined (no positives or no negatives on these images)")
         elif per_class[name]["delong"] is None:
             per_class[name]["delong_null_reason"] = "DeLong needs at least 2 positives and 2 negatives"
     macro = paired["macro"]
@@ -482,9 +515,10 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, split: str 
         "patients": int(len(np.unique(a["patients"]))),
         "difference": "AUROC(b) - AUROC(a)",
         "bootstrap": {"method": "percentile", "resampling": "patients, paired (both models on the same resample)",
-                      "n_boot": n_boot, "level": level, "seed": seed},
+                      "n_boot": n_boot, "level": level, "seed": seed,
+                      "p_value": "two-sided, 2 (k + 1) / (B + 1): never 0; its floor with B resamples is 2 / (B + 1)"},
         "macro": {"auc_a": _num(macro["auc_a"]), "auc_b": _num(macro["auc_b"]), "diff": _num(macro["diff"]),
-                  "ci": [_num(v) for v in macro["ci"]], "p_boot": _num(macro["p_boot"])},
+                  "ci": [_num(v) for v in macro["ci"]], "p_boot": _num(macro["p_boot"]), "resamples": int(macro["n_used"])},
         "per_class": per_class,
         "delong_note": "DeLong's test (fast algorithm of Sun & Xu 2014) treats images as independent; "
                        "the paired patient bootstrap accounts for several images per patient",
@@ -497,11 +531,20 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, split: str 
     return result
 
 
+def p_text(p: float | None, resamples: int | None) -> str:
+    """A bootstrap p-value with its resolution: at the floor 2/(B+1) it reads '<= 0.002 (B=1000)'."""
+    if p is None or not resamples:
+        return "n/a"
+    floor = 2 / (resamples + 1)
+    return f"<= {floor:.2g} (B={resamples})" if p <= floor * (1 + 1e-9) else f"{p:.3g}"
+
+
 def compare_markdown(result: dict[str, Any]) -> str:
     lines = [f"# `{result['b']}` vs `{result['a']}` on the {result['split']} split", "",
              f"{result['images']} identical images of {result['patients']} patients. Difference = {result['difference']}; "
              f"{int(result['bootstrap']['level'] * 100)}% CI from {result['bootstrap']['n_boot']} paired patient resamples. "
-             + result["delong_note"] + ".", "",
+             + result["delong_note"] + ". Bootstrap p-values are 2 (k + 1) / (B + 1), so the smallest possible "
+             f"with these resamples is {2 / (result['bootstrap']['n_boot'] + 1):.2g}.", "",
              "| finding | AUROC a | AUROC b | b - a [CI] | p (bootstrap) | p (DeLong) |", "|---|---:|---:|---|---:|---:|"]
 
     def row(name: str, e: dict[str, Any]) -> str:
@@ -509,7 +552,7 @@ def compare_markdown(result: dict[str, Any]) -> str:
         diff = "n/a" if e["diff"] is None else f"{e['diff']:+.4f}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci and None not in ci else "")
         delong = e.get("delong")
         return (f"| {name} | {_fmt(e['auc_a']) or 'n/a'} | {_fmt(e['auc_b']) or 'n/a'} | {diff} | "
-                f"{_fmt(e.get('p_boot'), 3) or 'n/a'} | {_fmt(delong['p'], 4) if delong else 'n/a'} |")
+                f"{p_text(e.get('p_boot'), e.get('resamples'))} | {_fmt(delong['p'], 4) if delong else 'n/a'} |")
 
     for name, e in result["per_class"].items():
         lines.append(row(name, e))

@@ -286,7 +286,7 @@ def _build(config: Config, out: Path, accelerator, manifest: dict) -> _Run:
         config.model.name, pretrained=config.model.pretrained, drop_rate=config.model.drop_rate, head=config.model.head
     )
     train_info = manifest["splits"]["train"]
-    pos_weight = pos_weight_from_counts(train_info["positives"], train_info["samples"]) if config.loss.name == "wbce" else None
+    pos_weight = pos_weight_from_counts(train_info["positives"], train_info["samples"], negatives=train_info.get("negatives")) if config.loss.name == "wbce" else None
     criterion = build_loss(config.loss.name, gamma=config.loss.gamma, alpha=config.loss.alpha, pos_weight=pos_weight)
     normalization = resolve_normalization(model)
     optimizer = build_optimizer(config.optim, model, lr=batch.lr)

@@ -1,7 +1,10 @@
 """Multi-label losses on logits: bce, wbce (per-class pos_weight), focal.
 
 All losses take logits [N, C] and 0/1 targets, compute in float32 whatever the autocast dtype
-(bf16/fp16 logits lose too much precision in log-sigmoid terms), and average over all N*C terms.
+(bf16/fp16 logits lose too much precision in log-sigmoid terms), and average over the known terms:
+a NaN target (`chexdist.labels.UNKNOWN`, a finding the sample's dataset does not label) adds
+nothing to the loss or its gradient. Without unknowns that is the mean over all N*C terms; a batch
+with no known term gives 0 (with a graph, so backward still runs on every rank).
 """
 
 from __future__ import annotations
@@ -27,6 +30,18 @@ def _check_shapes(logits: torch.Tensor, targets: torch.Tensor) -> None:
         )
 
 
+def split_known(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 targets with unknowns as 0, float32 mask: 1 where the target is known)."""
+    y = targets.float()
+    known = ~torch.isnan(y)
+    return torch.where(known, y, torch.zeros_like(y)), known.float()
+
+
+def known_mean(terms: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Mean of `terms` over the known entries (0 when there are none)."""
+    return (terms * known).sum() / known.sum().clamp_min(1.0)
+
+
 class BCEWithLogits(nn.Module):
     """Binary cross-entropy on logits; with `pos_weight` it is the class-weighted variant (wbce)."""
 
@@ -45,7 +60,9 @@ class BCEWithLogits(nn.Module):
                     f"loss: pos_weight has {pos_weight.numel()} entries but the model has {logits.shape[1]} classes"
                 )
             pos_weight = pos_weight.to(logits.device)
-        return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), pos_weight=pos_weight)
+        y, known = split_known(targets)
+        terms = F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=pos_weight, reduction="none")
+        return known_mean(terms, known)
 
     def extra_repr(self) -> str:
         return "" if self.pos_weight is None else f"pos_weight={self.pos_weight.tolist()}"
@@ -74,7 +91,8 @@ class FocalLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         _check_shapes(logits, targets)
-        x, y = logits.float(), targets.float()
+        x = logits.float()
+        y, known = split_known(targets)
         log_pt = y * F.logsigmoid(x) + (1.0 - y) * F.logsigmoid(-x)
         loss = -log_pt
         if self.gamma != 0.0:
@@ -84,7 +102,7 @@ class FocalLoss(nn.Module):
                 loss = loss * (self.alpha * y + (1.0 - self.alpha) * (1.0 - y))
             else:
                 loss = loss * self.alpha
-        return loss.mean()
+        return known_mean(loss, known)
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, alpha={self.alpha}"
@@ -94,8 +112,12 @@ def pos_weight_from_counts(
     positives: Mapping[str, int] | Sequence[int],
     total: int,
     max_weight: float = DEFAULT_MAX_POS_WEIGHT,
+    negatives: Mapping[str, int] | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Per-class negatives/positives, the usual wbce weight, from the training split's counts.
+
+    `negatives` (a format-2 manifest's known negatives per class) makes the weight count known
+    labels only; without it every image that is not positive counts as a negative (format 1, NIH).
 
     `positives` is the manifest's label -> count mapping (ordered by LABELS) or a sequence in label
     order. A class with no positives (or no negatives) gets 1.0: with no positives pos_weight scales
@@ -103,24 +125,28 @@ def pos_weight_from_counts(
     [1/max_weight, max_weight] so a handful of positives (Hernia is ~0.2% of NIH, ratio ~500) cannot
     dominate the gradient; pass max_weight=math.inf to disable.
     """
-    if isinstance(positives, Mapping):
-        by_name = {canonical_name(str(k), "positives"): v for k, v in positives.items()}
-        missing = [name for name in LABELS if name not in by_name]
-        if missing:
-            raise ChexdistError(f"positives: no count for {', '.join(missing)}; give all 14 labels")
-        counts = [by_name[name] for name in LABELS]
-    else:
-        counts = list(positives)
+    counts = _in_label_order(positives, "positives")
+    known = [total] * len(counts) if negatives is None else [p + n for p, n in zip(counts, _in_label_order(negatives, "negatives"))]
     if not isinstance(total, int) or total < 1:
         raise ChexdistError(f"total: {total!r} must be a positive number of training images")
     if not max_weight >= 1.0:
         raise ChexdistError(f"max_weight: {max_weight!r} must be >= 1")
     weights = []
-    for i, count in enumerate(counts):
-        if count < 0 or count > total:
-            raise ChexdistError(f"positives[{i}]: {count!r} must be between 0 and total={total}")
-        weights.append(1.0 if count in (0, total) else (total - count) / count)
+    for i, (count, n) in enumerate(zip(counts, known)):
+        if count < 0 or count > n or n > total:
+            raise ChexdistError(f"positives[{i}]: {count!r} must be between 0 and total={n} (the known labels of {total} images)")
+        weights.append(1.0 if count in (0, n) else (n - count) / count)
     return torch.tensor(weights, dtype=torch.float32).clamp(1.0 / max_weight, max_weight)
+
+
+def _in_label_order(counts: Mapping[str, int] | Sequence[int], what: str) -> list[int]:
+    if not isinstance(counts, Mapping):
+        return list(counts)
+    by_name = {canonical_name(str(k), what): v for k, v in counts.items()}
+    missing = [name for name in LABELS if name not in by_name]
+    if missing:
+        raise ChexdistError(f"{what}: no count for {', '.join(missing)}; give all 14 labels")
+    return [by_name[name] for name in LABELS]
 
 
 def build_loss(

@@ -24,7 +24,9 @@ per finding of :data:`chexdist.labels.LABELS` holding the RAW value: 1.0 positiv
 missing: such rows are listed in errors.jsonl and summarised in ``missing_by_folder``); ``image``
 is the name written to the sample's json (no PHI), ``key`` the tar key (:func:`sample_key`),
 ``official_split`` is "train", "val", "test", "train_val" (val carved as a seeded patient fraction)
-or None. ``no_finding`` is 1.0 where the study says No Finding. Pack then applies the shared
+or None. ``no_finding`` is 1.0 where the study says No Finding. An optional ``folder`` column names
+where a missing image should have been (for the missing-by-folder summary), and the optional
+:data:`EXTRA_COLUMNS` fill the json's orig_size and pixel_spacing. Pack then applies the shared
 :class:`LabelPolicy` (:func:`apply_policy`: ``--uncertain`` and No Finding) and the view filter
 (:func:`filter_views`), so no reader implements them.
 """
@@ -66,6 +68,7 @@ class DatasetTable:
     mapping: dict[str, str] = field(default_factory=dict)  # the dataset's term -> finding (manifest, docs)
     left_out: dict[str, int] = field(default_factory=dict)  # reason -> rows the reader did not keep
     missing_by_folder: dict[str, int] = field(default_factory=dict)  # folder -> rows with path None
+    folder_depth: int = 2  # else pack counts missing rows by the first `folder_depth` folders of `image`
     patients: str = "patient IDs from the source"  # how patient_id was derived (VinDr: one per image)
 
     @property
@@ -136,11 +139,12 @@ def apply_policy(rows: pd.DataFrame, known: tuple[str, ...], policy: LabelPolicy
 
 
 def filter_views(rows: pd.DataFrame, views: tuple[str, ...] | None) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Keep the rows whose view is in `views` (all when None); count the others by view."""
+    """Keep the rows whose view is in `views` (all when None) or not recorded at all (None: a table
+    without a view column); count the others by view ('(none)' for a blank view)."""
     if views is None:
         return rows, {}
     view = rows["view"].fillna("").astype(str).str.upper()
-    keep = view.isin(views)
+    keep = view.isin(views) | rows["view"].isna()
     dropped = view[~keep].replace("", "(none)").value_counts()
     return rows[keep], {f"view {v}": int(n) for v, n in sorted(dropped.items())}
 
@@ -209,12 +213,16 @@ def sha256_sources(root: Path, paths: list[Path]) -> dict[str, str]:
 
 
 def missing_by_parent(rows: pd.DataFrame, depth: int = 2) -> dict[str, int]:
-    """Rows whose image file is missing, counted by the first `depth` folders of their image path."""
-    missing = rows.loc[rows["path"].isna(), "image"]
+    """Rows whose image file is missing, counted by their optional `folder` column (e.g. PadChest's
+    ImageDir), else by the first `depth` folders of their image path."""
+    missing = rows[rows["path"].isna()]
     counts: dict[str, int] = {}
-    for image in missing:
-        parts = Path(image).parts[:-1][:depth]
-        folder = "/".join(parts) + "/" if parts else "(top level)"
+    for i, image in enumerate(missing["image"]):
+        if "folder" in missing.columns and missing["folder"].iloc[i]:
+            folder = f"{missing['folder'].iloc[i]}/"
+        else:
+            parts = Path(image).parts[:-1][:depth]
+            folder = "/".join(parts) + "/" if parts else "(top level)"
         counts[folder] = counts.get(folder, 0) + 1
     return dict(sorted(counts.items()))
 
