@@ -214,6 +214,7 @@ def test_phi_patterns_and_redaction():
     assert set(phi.find(text)) == {"DICOM UID", "DICOM person name", "date (YYYYMMDD)"}
     clean = phi.redact(text)
     assert "DOE" not in clean and "113619" not in clean and "19800101" not in clean and "0.1.0" in clean
-    assert phi.find("train-000000.tar 0.684 2026-12-02 a19800101b") == []
+    assert phi.find("train-000000.tar 0.684 2026-12-02 a19800101b p10/s5041/02aa804e-20110815-112c0b34.jpg") == []
+    assert phi.find("MRN55/19800101_chest/IM1") == [phi.DATE]
     assert phi.pseudonymous_path(KEY, "MRN1/st/IM1.dcm").endswith(".dcm")
     assert "MRN1" not in phi.pseudonymous_path(KEY, "MRN1/st/IM1.dcm")

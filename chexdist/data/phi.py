@@ -10,7 +10,8 @@ look like PHI a pseudonym should have replaced.
 - The key comes from `--id-key-file`, else the `CHEXDIST_ID_KEY` environment variable, else a new
   random key is written to `<shards>.id-key` beside the shard folder, never inside it (the key must
   not travel with the shards), and reused by later packs into the same folder.
-- The scanner flags DICOM UIDs, person names in DICOM form (FAMILY^GIVEN), 8-digit dates, and
+- The scanner flags DICOM UIDs, person names in DICOM form (FAMILY^GIVEN), 8-digit dates (as whole
+  tokens: hash-like file names are not dates), and
   sample fields named after PHI. It reports where and what kind, never the value itself.
 """
 
@@ -35,8 +36,13 @@ DIGITS = 16
 _PATTERNS = {
     "DICOM UID": re.compile(r"(?<![\w.])[0-2](?:\.(?:0|[1-9]\d*)){4,}(?![\w.])"),
     "DICOM person name": re.compile(r"[A-Za-z][A-Za-z'\- ]*\^[A-Za-z'\- ^]*[A-Za-z]"),
-    "date (YYYYMMDD)": re.compile(r"(?<![0-9A-Za-z])(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])(?![0-9A-Za-z])"),
 }
+DATE = "date (YYYYMMDD)"
+_DATE = re.compile(r"(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])")
+_DATE_ANYWHERE = re.compile(r"(?<![0-9A-Za-z])" + _DATE.pattern + r"(?![0-9A-Za-z])")
+# A date counts as one when it is a whole token: MIMIC's dicom_id hex groups ("02aa804e-20110815-...")
+# and other hash-like names then never look like birth dates.
+_TOKENS = re.compile(r"[\s/\\_.,;:]+")
 _PHI_FIELDS = re.compile(r"name|birth|accession|institution|address|phone|mrn|physician|operator|uid|study|series", re.I)
 
 
@@ -131,12 +137,13 @@ def key_check(key: bytes) -> str:
 
 def find(text: str) -> list[str]:
     """The kinds of PHI-looking values in `text` (empty when none)."""
-    return [kind for kind, pattern in _PATTERNS.items() if pattern.search(text)]
+    kinds = [kind for kind, pattern in _PATTERNS.items() if pattern.search(text)]
+    return kinds + [DATE] if any(_DATE.fullmatch(token) for token in _TOKENS.split(text)) else kinds
 
 
 def redact(text: str) -> str:
     """`text` with every PHI-looking value replaced by its kind in brackets."""
-    for kind, pattern in _PATTERNS.items():
+    for kind, pattern in [*_PATTERNS.items(), (DATE, _DATE_ANYWHERE)]:
         text = pattern.sub(f"[{kind}]", text)
     return text
 
