@@ -218,3 +218,4 @@ def test_phi_patterns_and_redaction():
     assert phi.find("MRN55/19800101_chest/IM1") == [phi.DATE]
     assert phi.pseudonymous_path(KEY, "MRN1/st/IM1.dcm").endswith(".dcm")
     assert "MRN1" not in phi.pseudonymous_path(KEY, "MRN1/st/IM1.dcm")
+    assert "JOHN" not in phi.pseudonymous_path(KEY, "MRN1/DOE.JOHN")

@@ -177,7 +177,7 @@ def test_keep_paths_records_the_export_paths_and_verify_reports_them(export, tmp
 
 
 @pytest.mark.slow
-def test_predict_on_a_dicom_equals_predict_on_its_rendered_png(trained_run, tmp_path):
+def test_predict_and_cam_on_a_dicom_equal_those_on_its_rendered_png(trained_run, tmp_path):
     from chexdist.evaluation.predict import predict_files
 
     rng = np.random.default_rng(3)
@@ -192,3 +192,6 @@ def test_predict_on_a_dicom_equals_predict_on_its_rendered_png(trained_run, tmp_
     a, b = from_dicom.records[0], from_png.records[0]
     assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-6)
     assert a["warnings"] == b["warnings"]
+    predict_files(trained_run, [folder], cam_dir=tmp_path / "cam-dicom", cam_finding="Effusion", progress=False)
+    predict_files(trained_run, [tmp_path / "rendered.png"], cam_dir=tmp_path / "cam-png", cam_finding="Effusion", progress=False)
+    assert (tmp_path / "cam-dicom" / "IM0001_Effusion.png").read_bytes() == (tmp_path / "cam-png" / "rendered_Effusion.png").read_bytes()

@@ -32,6 +32,7 @@ KEY_ENV = "CHEXDIST_ID_KEY"
 KEY_SUFFIX = ".id-key"
 MIN_KEY_BYTES = 16
 DIGITS = 16
+KEPT_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")  # any other "suffix" may be part of a name ("DOE.JOHN")
 
 _PATTERNS = {
     "DICOM UID": re.compile(r"(?<![\w.])[0-2](?:\.(?:0|[1-9]\d*)){4,}(?![\w.])"),
@@ -58,12 +59,12 @@ def patient_number(key: bytes, value: str) -> int:
 
 
 def pseudonymous_path(key: bytes, relative: str | os.PathLike) -> str:
-    """A source path with every folder and the file stem pseudonymised, the suffix kept."""
+    """A source path with every folder and the file name pseudonymised, an image suffix kept."""
     parts = Path(relative).parts
     if not parts:
         return ""
     *folders, name = parts
-    suffix = Path(name).suffix if len(Path(name).suffix) <= 5 else ""
+    suffix = Path(name).suffix if Path(name).suffix.lower() in KEPT_SUFFIXES else ""
     return "/".join([pseudonym(key, f"dir:{'/'.join(parts[: i + 1])}") for i in range(len(folders))] + [pseudonym(key, f"file:{relative}") + suffix])
 
 
