@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from chexdist.data.datasets.base import find_file
 from chexdist.errors import ChexdistError
 from chexdist.labels import LABELS, canonical_name, parse_findings
 
@@ -52,17 +53,9 @@ _ENTRY_RENAME = dict(
 )
 
 
-def _find_file(root: Path, names: tuple[str, ...]) -> Path | None:
-    for name in names:
-        for candidate in (root / name, root / f"{name}.gz"):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
 def find_data_entry(root: str | os.PathLike) -> Path:
     root = Path(root)
-    found = _find_file(root, DATA_ENTRY_NAMES)
+    found = find_file(root, DATA_ENTRY_NAMES)
     if found is None:
         raise ChexdistError(
             f"{root}: no Data_Entry_2017_v2020.csv or Data_Entry_2017.csv (.csv or .csv.gz) found; "
@@ -250,5 +243,5 @@ def load_release(root: str | os.PathLike, require_images: bool = True) -> NihRel
         images=images,
         train_val=train_val,
         test=test,
-        bbox_path=_find_file(root, BBOX_NAMES),
+        bbox_path=find_file(root, BBOX_NAMES),
     )
