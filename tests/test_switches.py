@@ -46,6 +46,12 @@ def step_losses(name: str, sets: list[str], steps: int, size: int, batch: int) -
 
 
 def test_channels_last_and_grad_checkpointing_match_the_default_loss():
+    from chexdist.models.factory import create_model
+
+    cfg = load_config("tiny", overrides=["train.channels_last=true", "model.grad_checkpointing=true"])
+    model = apply_switches(create_model("test_resnet"), cfg, 1)
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and model.grad_checkpointing
     default = step_losses("test_resnet", [], 4, 32, 4)
     for sets in (["train.channels_last=true"], ["model.grad_checkpointing=true"]):
         assert step_losses("test_resnet", sets, 4, 32, 4) == pytest.approx(default, rel=1e-5), sets
