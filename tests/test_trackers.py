@@ -116,3 +116,18 @@ def test_ema_resumed_mid_epoch_equals_unbroken_and_best_json_says_which(pair):
     chosen = record["val_ema"] if best["weights"] == "ema" else record
     assert best["val_metrics"]["val_auc_mean"] == chosen["val_auc_mean"] == max(
         max(r["val_auc_mean"], r["val_ema"]["val_auc_mean"]) for r in metrics(killed))
+
+
+def test_a_missing_tracker_is_refused_in_one_line_before_training(train_shards, tmp_path, monkeypatch):
+    from chexdist.config import load_config
+    from chexdist.errors import ChexdistError
+    from chexdist.training import trackers
+    from chexdist.training.preflight import preflight
+
+    monkeypatch.setitem(trackers.MODULES, "wandb", "chexdist_no_such_tracker_module")
+    cfg = load_config("tiny", overrides=[f"data.shards={train_shards}", "train.log_with=tensorboard,wandb"])
+    assert cfg.train.log_with == ["tensorboard", "wandb"]
+    with pytest.raises(ChexdistError, match=r"^config key 'train.log_with': wandb is not installed; pip install 'chexdist\[wandb\]'$"):
+        preflight(cfg, tmp_path / "run", None)
+    assert not (tmp_path / "run").exists()
+    assert trackers.hyperparameters(cfg)["optim.betas"] == "[0.9, 0.999]" and trackers.hyperparameters(cfg)["optim.lr"] == 0.001
