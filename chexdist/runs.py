@@ -127,9 +127,11 @@ def export_best(model: torch.nn.Module, out: Path, info: dict[str, Any]) -> None
     atomic_write_json(out / "best.json", info)
 
 
-def best_info(config: Config, record: dict[str, Any], manifest: dict, normalization: dict[str, list[float]]) -> dict[str, Any]:
-    """best.json of a trained run: `record` is the best epoch's metrics.jsonl record, `normalization`
-    the one the model was trained with."""
+def best_info(config: Config, record: dict[str, Any], manifest: dict, normalization: dict[str, list[float]],
+              weights: str = "raw", lineage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """best.json of a trained run: `record` is the best epoch's metrics.jsonl record (of the weights
+    exported: `weights` raw or ema), `normalization` the one the model was trained with, `lineage`
+    the shards (manifest sha256, split and patient counts) and the training-patient digest."""
     return {
         "labels": list(LABELS),
         "arch": config.model.name,
@@ -149,6 +151,8 @@ def best_info(config: Config, record: dict[str, Any], manifest: dict, normalizat
         "step": record["step"],
         "chexdist_version": __version__,
         "shards": {"image": manifest["image"], "split": manifest["split"], "source": manifest["source"]},
+        "weights": weights,
+        "data": lineage or {},
         "config": config_to_dict(config),
     }
 

@@ -95,7 +95,7 @@ def test_pack_and_train_benches_through_the_cli(tmp_path):
     assert pack["ratio"] == pytest.approx(pack["workers_2_img_s"] / pack["workers_1_img_s"], rel=0.01)
     assert len(pack["ratio_runs"]) == 2 and all(r > 0 for r in pack["ratio_runs"])
     assert pack["workers_1_cpu_ms"] > 0 and 0 < pack["workers_2_main_cpu_ms"] < pack["workers_2_cpu_ms"]
-    train = bench("train", "--model", "test_resnet", "--image-size", "32", "--batch-size", "4", "--steps", "3", "--repeats", "1")
+    train = bench("train", "--model", "test_resnet", "--image-size", "32", "--batch-size", "4", "--steps", "3", "--repeats", "1", "--switches", "none")
     assert train["bench"] == "train" and train["device"] == "cpu" and train["precision"] == "no"
     assert train["engine_img_s"] > 0 and train["bare_img_s"] > 0
     assert train["ratio"] == pytest.approx(train["engine_img_s"] / train["bare_img_s"], rel=0.01)

@@ -12,11 +12,15 @@ import torch
 
 from chexdist.utils.distributed import make_accelerator
 
+SWITCHES_DEFAULT = ("channels_last", "grad_checkpointing", "compile")
+
 
 def train_suite(model: str = "resnet18", image_size: int = 128, batch_size: int = 16, steps: int = 20,
-                precision: str = "no", repeats: int = 6, **_: Any) -> Iterator[dict[str, Any]]:
+                precision: str = "no", repeats: int = 6, switches: tuple[str, ...] = tuple(SWITCHES_DEFAULT),
+                **_: Any) -> Iterator[dict[str, Any]]:
     """`engine.train_epoch` vs a bare PyTorch loop: same model init, batches, optimizer, loss and
-    precision, alternated `repeats` times (each goes first half the time); best of each. Batches are in memory so only the loops differ."""
+    precision, alternated `repeats` times (each goes first half the time); best of each. Batches are in memory so only the loops differ.
+    Then each of `switches` vs the default engine loop (`switch_results`)."""
     import copy
 
     from chexdist.config import load_config
@@ -72,6 +76,55 @@ def train_suite(model: str = "resnet18", image_size: int = 128, batch_size: int 
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["gpu"] = torch.cuda.get_device_name()
     yield result
+    if switches:
+        yield from switch_results(initial, criterion, accelerator, config, feed, switches, repeats, result)
+
+
+SWITCHES = {"channels_last": "train.channels_last=true", "grad_checkpointing": "model.grad_checkpointing=true",
+            "compile": "train.compile=true"}
+
+
+def switch_results(initial, criterion, accelerator, config, feed: list, switches, repeats: int,
+                   base: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Each switch vs the default engine loop on the same model init, batches and precision, in this
+    run: one line per switch, ratio = default seconds / switch seconds (> 1: the switch is faster);
+    on a GPU also each one's peak memory. Timings alternate (default first half the time)."""
+    import copy
+
+    from chexdist.config import apply_overrides
+    from chexdist.training.optim import build_optimizer
+    from chexdist.training.switches import apply_switches, check_switches, compile_model
+
+    device = accelerator.device
+    variants = {}
+    for name in ("default", *switches):
+        cfg = config if name == "default" else apply_overrides(config, [SWITCHES[name]])
+        check_switches(cfg, device, 1)
+        model = apply_switches(copy.deepcopy(initial), cfg, 1)
+        model, optimizer = accelerator.prepare(model, build_optimizer(cfg.optim, model.parameters()))
+        compile_model(accelerator.unwrap_model(model), cfg)
+        variants[name] = (model, optimizer, cfg)
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    peak: dict[str, float] = {}
+    for name, (model, optimizer, cfg) in variants.items():  # warm-up (compiles)
+        _engine_seconds(model, optimizer, criterion, accelerator, cfg, feed)
+    for r in range(repeats):
+        for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
+            model, optimizer, cfg = variants[name]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            seconds[name].append(_engine_seconds(model, optimizer, criterion, accelerator, cfg, feed))
+            if device.type == "cuda":
+                peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+    images = len(feed) * base["batch_size"]
+    for name in switches:
+        line = {"bench": "train_switch", "switch": name, **{k: base[k] for k in ("model", "image_size", "batch_size", "steps",
+                                                                                 "precision", "device")},
+                "default_img_s": round(images / min(seconds["default"]), 2), "switch_img_s": round(images / min(seconds[name]), 2),
+                "ratio": round(min(seconds["default"]) / min(seconds[name]), 3)}
+        if peak:
+            line.update(default_peak_memory_gib=round(peak["default"], 2), switch_peak_memory_gib=round(peak[name], 2))
+        yield line
 
 
 def _engine_seconds(model, optimizer, criterion, accelerator, config, feed: list) -> float:

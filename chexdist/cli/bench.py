@@ -23,7 +23,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         options = dict(ranks=args.ranks, workers=args.workers, shards=args.num_shards, count=args.count or 1600)
     else:
         options = dict(model=args.model, image_size=args.image_size, batch_size=args.batch_size or 16, steps=args.steps,
-                       precision=args.precision, repeats=args.repeats or 6)
+                       precision=args.precision, repeats=args.repeats or 6,
+                       switches=tuple(s for s in args.switches.split(",") if s and s != "none"))
     run_suite(args.suite, **options)
     return 0
 
@@ -44,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="resnet18", help="train: model name")
     p.add_argument("--image-size", type=int, default=128, help="train: input side")
     p.add_argument("--steps", type=int, default=20, help="train: optimizer steps per timed run")
+    p.add_argument("--switches", default="channels_last,grad_checkpointing,compile",
+                   help="train: switches timed against the default loop in the same run (comma list, or none)")
     p.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"), help="train: autocast dtype")
     p.add_argument("--shards", default=None, help="tune: shard folder (default: synthetic shards made for the run)")
     p.add_argument("--epochs", type=int, default=2, help="tune: epochs per run (--steps caps batches per epoch)")

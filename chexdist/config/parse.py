@@ -183,6 +183,8 @@ def _coerce(key: str, value: Any, tp: Any, limits: Mapping[str, Any]) -> Any:
         raise ChexdistError(f"config key {key!r}: {_show(value)} is not one of {', '.join(choices)}")
     if origin is list:
         (item_tp,) = get_args(tp)
+        if isinstance(value, str) and get_origin(item_tp) is Literal:  # train.log_with=tensorboard,mlflow
+            value = [v for v in value.split(",") if v.strip() and v.strip().lower() != "none"]
         if not isinstance(value, (list, tuple)):
             raise ChexdistError(f"config key {key!r}: expected a list like [0.9, 0.999], got {_show(value)}")
         length = limits.get("length")
@@ -269,6 +271,7 @@ def _check_cross(cfg: Config) -> None:
         raise ChexdistError(
             "config key 'sched.warmup_epochs': warmup is not supported with sched.name=plateau; use cosine or step"
         )
+    _check_step_schedule(cfg)
     if cfg.optim.lr_scaling != "none" and not cfg.optim.lr_reference_batch:
         raise ChexdistError(
             f"config key 'optim.lr_reference_batch': must be > 0 with optim.lr_scaling={cfg.optim.lr_scaling}; "
@@ -278,6 +281,16 @@ def _check_cross(cfg: Config) -> None:
         raise ChexdistError(
             f"config key 'sched.min_lr': {_show(cfg.sched.min_lr)} is larger than optim.lr {_show(cfg.optim.lr)}"
         )
+
+
+def _check_step_schedule(cfg: Config) -> None:
+    sched = cfg.sched
+    if sched.warmup_steps and not sched.per_step:
+        raise ChexdistError("config key 'sched.warmup_steps': needs sched.per_step=true (use sched.warmup_epochs per epoch)")
+    if sched.per_step and sched.name not in ("cosine", "none"):
+        raise ChexdistError(f"config key 'sched.per_step': works with sched.name=cosine or none, not {sched.name}")
+    if sched.per_step and sched.warmup_epochs:
+        raise ChexdistError("config key 'sched.warmup_epochs': with sched.per_step=true use sched.warmup_steps")
 
 
 def eval_crop_warning(cfg: Config) -> str | None:

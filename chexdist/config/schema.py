@@ -19,6 +19,7 @@ HeadName = Literal["linear", "dense_bn"]
 Precision = Literal["no", "bf16", "fp16", "auto"]
 LrScaling = Literal["none", "linear", "sqrt"]
 ThresholdMetric = Literal["f1"]
+TrackerName = Literal["tensorboard", "mlflow", "wandb", "aim"]
 
 
 def _f(default: Any, **limits: Any) -> Any:
@@ -71,6 +72,9 @@ class ModelConfig:
     pretrained: str | None = _f(None, doc="a local weights file; never downloaded")
     drop_rate: float = _f(0.0, ge=0, lt=1)
     head: HeadName = "linear"
+    grad_checkpointing: bool = _f(False, doc="recompute activations in backward (timm set_grad_checkpointing; "
+                                  "torchvision DenseNet memory_efficient): less memory, more compute")
+    sync_bn: bool = _f(False, doc="BatchNorm statistics over all processes (SyncBatchNorm) with more than one process")
 
 
 @dataclass
@@ -106,6 +110,8 @@ class SchedConfig:
     step_size: int = _f(10, ge=1)
     min_lr: float = _f(0.0, ge=0)
     warmup_epochs: int = _f(0, ge=0)
+    per_step: bool = _f(False, doc="cosine/none as a function of the optimizer step (stepped every step, not every epoch)")
+    warmup_steps: int = _f(0, ge=0, doc="with per_step: linear warmup over this many optimizer steps")
 
 
 @dataclass
@@ -142,7 +148,14 @@ class TrainConfig:
     checkpoint_every: int = _f(0, ge=0, doc="optimizer steps; 0 = end of each epoch only")
     keep_checkpoints: int = _f(3, ge=1)
     deterministic: bool = False
-    log_every_s: float = _f(30.0, gt=0, doc="seconds between progress lines when output is not a terminal")
+    log_every_s: float = _f(30.0, gt=0, doc="seconds between progress lines (and tracker step logs) when output is not a terminal")
+    log_every_steps: int = _f(0, ge=0, doc="tracker step logs every N optimizer steps; 0 = at most every log_every_s")
+    log_with: list[TrackerName] = _f([], doc="experiment trackers through Accelerate (tensorboard, mlflow, wandb, aim); [] = none")
+    ema_decay: float = _f(0.0, ge=0, lt=1, doc="EMA of the weights (timm ModelEmaV3), validated beside them; 0 = off")
+    ema_warmup: bool = _f(False, doc="EMA decay ramps up over the first steps (timm's warmup) instead of starting at ema_decay")
+    channels_last: bool = _f(False, doc="model and batches in channels_last memory format")
+    compile: bool = _f(False, doc="torch.compile the model's forward (Module.compile: checkpoint keys unchanged)")
+    tf32: bool = _f(False, doc="TF32 matmul/convolutions for fp32 on NVIDIA GPUs (no effect on CPU)")
 
 
 @dataclass

@@ -37,6 +37,7 @@ from chexdist.evaluation.metrics import (
     threshold_array,
     tune_thresholds,
 )
+from chexdist.data.lineage import check_no_training_overlap
 from chexdist.data.shardformat import dataset_name, load_manifest, split_shards
 
 METRICS = ("auc", "ap", "f1", "precision", "recall", "specificity")
@@ -399,6 +400,7 @@ def evaluate_run(run: str | os.PathLike, split: str = "test", checkpoint: str | 
     split_shards(manifest, split, str(shards))
     if manifest["splits"][split]["samples"] == 0:
         raise ChexdistError(f"{shards}: the {split} split has no samples; pick another --split")
+    check_no_training_overlap(run, shards, split)
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
         raise ChexdistError(f"--bootstrap {n_boot!r}: must be an integer >= 0 (0 = no confidence intervals)")
     out = Path(out) if out is not None else eval_dir(run, split, checkpoint)

@@ -91,8 +91,10 @@ class Checkpointer:
 
     STATE_FILE = "trainer_state.pt"
 
-    def __init__(self, accelerator, out: Path, state: TrainState, scheduler, keep: int):
+    def __init__(self, accelerator, out: Path, state: TrainState, scheduler, keep: int, extra: dict[str, Any] | None = None):
+        """`extra`: name -> object with state_dict/load_state_dict of tensors (the EMA), saved beside the loop state."""
         self.accelerator, self.out, self.state, self.scheduler, self.keep = accelerator, out, state, scheduler, keep
+        self.extra = extra or {}
 
     def save(self) -> Path:
         acc = self.accelerator
@@ -103,7 +105,8 @@ class Checkpointer:
         acc.wait_for_everyone()
         acc.save_state(str(temp), safe_serialization=True)
         if acc.is_main_process:
-            torch.save({"train_state": self.state.state_dict(), "scheduler": self.scheduler.state_dict()}, temp / self.STATE_FILE)
+            torch.save({"train_state": self.state.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        **{name: obj.state_dict() for name, obj in self.extra.items()}}, temp / self.STATE_FILE)
         acc.wait_for_everyone()
         if acc.is_main_process:
             if final.exists():
@@ -144,6 +147,10 @@ class Checkpointer:
         acc.load_state(str(path))
         self.state.load_state_dict(saved["train_state"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        for name, obj in self.extra.items():
+            if name not in saved:
+                raise ChexdistError(f"{path}: holds no {name} state (saved without it); resume with the run's settings")
+            obj.load_state_dict(saved[name])
         expected = [path / f"random_states_{r}.pkl" for r in range(acc.num_processes)]
         if not all(f in rng_files for f in expected) or len(rng_files) != acc.num_processes:
             from accelerate.utils import set_seed

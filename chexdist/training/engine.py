@@ -28,6 +28,7 @@ import torch
 
 from chexdist import __version__
 from chexdist.config import BatchPlan, Config, eval_crop_warning, resolve_batch, save_config
+from chexdist.data.lineage import shards_lineage, write_train_patients
 from chexdist.data.loader import build_train_loader
 from chexdist.data.transforms import build_transform, eval_transform
 from chexdist.errors import ChexdistError, NonFiniteLoss, Preempted
@@ -37,9 +38,13 @@ from chexdist.models.arch import resolve_normalization
 from chexdist.models.factory import create_model
 from chexdist.runs import METRICS_FILE, best_info, export_best, read_metrics
 from chexdist.training.checkpoint import Checkpointer, TrainState
+from chexdist.training.ema import WeightEma, build_ema
 from chexdist.training.losses import build_loss, pos_weight_from_counts
 from chexdist.training.optim import build_optimizer, build_scheduler, step_scheduler
 from chexdist.training.preflight import agreed_preflight
+from chexdist.training.schedules import is_per_step, set_total_steps
+from chexdist.training.switches import apply_switches, check_switches, compile_model, set_tf32
+from chexdist.training.trackers import RunTrackers, accelerator_kwargs
 from chexdist.utils.distributed import make_accelerator
 from chexdist.utils.fileio import append_jsonl, atomic_write_json, atomic_write_jsonl
 from chexdist.utils.progress import EpochProgress
@@ -102,10 +107,12 @@ def clear_preempted(out: Path) -> None:
     (out / PREEMPTED_MARKER).unlink(missing_ok=True)
 
 
-def accelerator_for(config: Config):
+def accelerator_for(config: Config, out: Path | None = None):
     """Accelerator with train.precision passed explicitly: the launcher's --mixed_precision, the
-    environment and the accelerate config apply only with train.precision=auto."""
-    return make_accelerator(None if config.train.precision == "auto" else config.train.precision)
+    environment and the accelerate config apply only with train.precision=auto. With `out`, the
+    trackers of train.log_with log under it (a missing tracker package is refused in one line)."""
+    return make_accelerator(None if config.train.precision == "auto" else config.train.precision,
+                            **accelerator_kwargs(config, out))
 
 
 def _check_accelerator(accelerator, config: Config) -> None:
@@ -182,7 +189,7 @@ def _process_state_restored():
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.get_num_threads(),
              random.getstate(), np.random.get_state(), torch.get_rng_state(),
-             torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+             torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None, torch.get_float32_matmul_precision())
     try:
         yield
     finally:
@@ -194,6 +201,7 @@ def _process_state_restored():
         torch.set_rng_state(saved[7])
         if saved[8] is not None:
             torch.cuda.set_rng_state_all(saved[8])
+        torch.set_float32_matmul_precision(saved[9])
 
 
 @_process_state_restored()
@@ -211,9 +219,14 @@ def fit(
     checkpoint folder. On SIGTERM/SIGUSR1/SIGINT it saves at the next safe point (the next cross-rank
     check in an epoch, or right after validation or a save), writes OUT/PREEMPTED and raises Preempted;
     NonFiniteLoss on nan/inf; ChexdistError for anything `preflight` refuses."""
-    accelerator = accelerator or accelerator_for(config)
-    with StopFlag(announce=accelerator.is_main_process) as stop:
-        return _fit(config, Path(out), resume, report, accelerator, progress, stop)
+    owns_accelerator = accelerator is None
+    accelerator = accelerator or accelerator_for(config, Path(out))
+    trackers = RunTrackers(accelerator, config, Path(out))
+    try:
+        with StopFlag(announce=accelerator.is_main_process) as stop:
+            return _fit(config, Path(out), resume, report, accelerator, progress, stop, trackers)
+    finally:
+        trackers.close(owns_accelerator)
 
 
 @dataclass
@@ -235,13 +248,17 @@ class _Run:
     scheduler: Any
     state: TrainState
     checkpointer: Checkpointer
+    ema: WeightEma | None = None
+    lineage: dict[str, Any] = field(default_factory=dict)
 
 
-def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, progress: bool, stop: StopFlag) -> FitResult:
+def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, progress: bool, stop: StopFlag,
+         trackers: RunTrackers) -> FitResult:
     """The run in steps: agree on the preflight, build, resume, open the run folder; then per epoch train,
     validate, close the epoch, checkpoint, report, and stop early or on a signal; finish."""
     checked = agreed_preflight(accelerator, config, out, resume)
     _check_accelerator(accelerator, config)
+    check_switches(config, accelerator.device, accelerator.num_processes)
     _set_backend_flags(config, accelerator)
     run = _build(config, out, accelerator, checked.manifest)
     if checked.resume_from is not None:
@@ -249,12 +266,19 @@ def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, 
     _open_run_folder(run)
     history = _resumed_history(out, run.state.epoch, accelerator.is_main_process)
     loader, num_batches, val_loader = _loaders(run)
+    if is_per_step(run.scheduler):
+        set_total_steps(run.scheduler, config.train.epochs, num_batches, run.batch.grad_accum)
     state, stopped_early = run.state, False
+    trackers.start(state.step, run.batch.global_batch)
+    after_step = _after_step(run, trackers)
     while state.epoch < config.train.epochs:
         loader.set_epoch(state.epoch, start_batch=state.batch)
         train_epoch(run.model, run.optimizer, run.criterion, accelerator, run.run_config, loader, num_batches, state, stop,
-                    run.checkpointer, progress)
-        record = _close_epoch(run, _validate(run.model, accelerator, run.criterion, run.run_config, run.manifest, val_loader))
+                    run.checkpointer, progress, after_step=after_step)
+        val = _validate(run.model, accelerator, run.criterion, run.run_config, run.manifest, val_loader)
+        ema_val = _validate(run.ema.module, accelerator, run.criterion, run.run_config, run.manifest, val_loader) if run.ema else None
+        record = _close_epoch(run, val, ema_val)
+        trackers.log_epoch(record, record.get("val_ema"))
         history.append(record)
         saved = run.checkpointer.save()
         if report is not None:
@@ -266,7 +290,25 @@ def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, 
     return _finish(run, history, stopped_early)
 
 
+def _after_step(run: _Run, trackers: RunTrackers) -> Callable[[TrainState, torch.Tensor], None]:
+    """What follows each optimizer step: a per-step schedule's step, the EMA update, the tracker log."""
+    per_step = is_per_step(run.scheduler)
+    raw = run.accelerator.unwrap_model(run.model)
+
+    def after(state: TrainState, loss: torch.Tensor) -> None:
+        lr = run.optimizer.param_groups[0]["lr"]  # the lr this step was taken with
+        if per_step:
+            run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update(raw, state.step)
+        trackers.log_step(state.step, loss, lr)
+
+    return after
+
+
 def _set_backend_flags(config: Config, accelerator) -> None:
+    if config.train.tf32 and accelerator.device.type == "cuda":
+        set_tf32(True)
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -289,14 +331,17 @@ def _build(config: Config, out: Path, accelerator, manifest: dict) -> _Run:
     pos_weight = pos_weight_from_counts(train_info["positives"], train_info["samples"], negatives=train_info.get("negatives")) if config.loss.name == "wbce" else None
     criterion = build_loss(config.loss.name, gamma=config.loss.gamma, alpha=config.loss.alpha, pos_weight=pos_weight)
     normalization = resolve_normalization(model)
+    model = apply_switches(model, config, world)
     optimizer = build_optimizer(config.optim, model, lr=batch.lr)
     scheduler = build_scheduler(config.sched, optimizer, config.train.epochs)
     model, optimizer = accelerator.prepare(model, optimizer)
+    ema = build_ema(config, accelerator.unwrap_model(model))
+    compile_model(accelerator.unwrap_model(model), config)
     state = TrainState(world_size=world, num_workers=config.data.num_workers, batch_size=batch.batch_size, grad_accum=batch.grad_accum)
-    checkpointer = Checkpointer(accelerator, out, state, scheduler, config.train.keep_checkpoints)
+    checkpointer = Checkpointer(accelerator, out, state, scheduler, config.train.keep_checkpoints, extra={"ema": ema} if ema else None)
     set_seed(config.train.seed + rank)
     return _Run(config, _with_batch(config, batch), out, accelerator, manifest, batch, str(accelerator.mixed_precision),
-                normalization, model, optimizer, criterion, scheduler, state, checkpointer)
+                normalization, model, optimizer, criterion, scheduler, state, checkpointer, ema)
 
 
 def _resume(run: _Run, checkpoint: Path) -> None:
@@ -308,10 +353,12 @@ def _resume(run: _Run, checkpoint: Path) -> None:
 def _open_run_folder(run: _Run) -> None:
     """Write config.yaml, clear a PREEMPTED marker (rank 0), and say what runs and how."""
     accelerator, config, batch = run.accelerator, run.config, run.batch
+    run.lineage = {"shards": shards_lineage(config.data.shards)}
     if accelerator.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(config, run.out / "config.yaml")
         clear_preempted(run.out)
+        run.lineage["train_patients"] = write_train_patients(config.data.shards, run.out)
     accelerator.print(_banner(config, accelerator, run.precision, run.manifest["splits"]["train"]["samples"]))
     accelerator.print(
         f"global batch {batch.global_batch} = {batch.batch_size} per process x {accelerator.num_processes} x grad_accum {batch.grad_accum}, "
@@ -358,16 +405,29 @@ def _loaders(run: _Run):
     return loader, num_batches, val_loader
 
 
-def _close_epoch(run: _Run, val: dict[str, Any]) -> dict[str, Any]:
+EMA_KEYS = ("val_loss", "val_auc_mean", "val_ap_mean", "val_f1_mean", "val_auc", "val_ap", "val_f1", "val_thresholds")
+
+
+def _close_epoch(run: _Run, val: dict[str, Any], ema_val: dict[str, Any] | None = None) -> dict[str, Any]:
     """After an epoch's validation: step the scheduler, keep the early-stopping memory, start the next
-    epoch's position; rank 0 logs the record and exports a new best. Returns the metrics.jsonl record."""
+    epoch's position; rank 0 logs the record and exports a new best (the EMA weights when they score a
+    higher val mean AUROC than the raw ones). Returns the metrics.jsonl record."""
     state, accelerator = run.state, run.accelerator
     step_scheduler(run.scheduler, val["val_loss"])
     state.epoch += 1
-    record = _epoch_record(state, run.optimizer.param_groups[0]["lr"], val, run.batch, run.precision)
-    improved = record["val_auc_mean"] > state.best_auc
+    lr = run.optimizer.param_groups[0]["lr"]
+    record = _epoch_record(state, lr, val, run.batch, run.precision)
+    chosen, weights = record, "raw"
+    if ema_val is not None:
+        ema_record = _epoch_record(state, lr, ema_val, run.batch, run.precision)
+        record["val_ema"] = {k: ema_record[k] for k in EMA_KEYS}
+        if ema_record["val_auc_mean"] > record["val_auc_mean"]:
+            chosen, weights = ema_record, "ema"
+        record["better_weights"] = weights
+    record["data"] = run.lineage.get("shards")
+    improved = chosen["val_auc_mean"] > state.best_auc
     if improved:
-        state.best_auc, state.best_epoch, state.bad_epochs = record["val_auc_mean"], state.epoch, 0
+        state.best_auc, state.best_epoch, state.bad_epochs = chosen["val_auc_mean"], state.epoch, 0
     else:
         state.bad_epochs += 1
     state.batch, state.loss_sum, state.loss_batches, state.epoch_seconds = 0, 0.0, 0, 0.0
@@ -375,7 +435,9 @@ def _close_epoch(run: _Run, val: dict[str, Any]) -> dict[str, Any]:
         append_jsonl(run.out / METRICS_FILE, record)
         accelerator.print(_format_epoch(record, run.config.train.epochs))
         if improved:
-            export_best(accelerator.unwrap_model(run.model), run.out, best_info(run.config, record, run.manifest, run.normalization))
+            model = run.ema.module if weights == "ema" else accelerator.unwrap_model(run.model)
+            info = best_info(run.config, chosen, run.manifest, run.normalization, weights=weights, lineage=run.lineage)
+            export_best(model, run.out, info)
     return record
 
 
@@ -444,14 +506,17 @@ def _format_epoch(record: dict[str, Any], epochs: int) -> str:
 
 
 def train_epoch(model, optimizer, criterion, accelerator, config: Config, loader, num_batches: int, state: TrainState,
-                stop: StopFlag, checkpointer: Checkpointer, progress: bool = False) -> None:
+                stop: StopFlag, checkpointer: Checkpointer, progress: bool = False,
+                after_step: Callable[[TrainState, torch.Tensor], None] | None = None) -> None:
     """One epoch of optimizer steps over `loader` (batches of images, targets), continuing from
     `state.batch`: the loader starts there (`loader.set_epoch(epoch, start_batch)`), so nothing is
     decoded twice. The loader sends uint8 batches and `loader.normalize` finishes them on the device
-    (12x less data to move than float batches). Public so `chexdist bench train` times exactly this code."""
+    (12x less data to move than float batches). `after_step(state, loss)` runs after each optimizer
+    step (per-step schedule, EMA, trackers). Public so `chexdist bench train` times exactly this code."""
     accum, clip = config.train.grad_accum, config.train.grad_clip
     device = accelerator.device
     normalize = getattr(loader, "normalize", torch.nn.Identity())
+    memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
     loss_sum = torch.zeros((), device=device)
     first_bad = torch.full((), math.inf, device=device)
     resume_at = state.batch
@@ -468,7 +533,7 @@ def train_epoch(model, optimizer, criterion, accelerator, config: Config, loader
         group_start = i - i % accum
         group_size = min(accum, num_batches - group_start)
         sync = i + 1 == group_start + group_size
-        images = normalize(images.to(device, non_blocking=True))
+        images = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             with accelerator.autocast():
@@ -487,6 +552,8 @@ def train_epoch(model, optimizer, criterion, accelerator, config: Config, loader
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        if after_step is not None:
+            after_step(state, detached)
         last = state.batch == num_batches
         every = config.train.checkpoint_every
         # only at these steps (where the loss is folded) so that a resumed run sums it as an unbroken one

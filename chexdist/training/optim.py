@@ -39,7 +39,11 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module | Iterable[torch.nn
 
 def build_scheduler(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int):
     """Per-epoch schedule (the config refuses warmup with plateau). Stepped once per epoch (plateau with the epoch's val loss, which every rank computes from the
-    same gathered predictions, so all ranks take the same decision)."""
+    same gathered predictions, so all ranks take the same decision). sched.per_step: see schedules."""
+    if cfg.per_step:
+        from chexdist.training.schedules import build_step_scheduler
+
+        return build_step_scheduler(cfg, optimizer)
     if cfg.name == "plateau":
         return ReduceLROnPlateau(optimizer, mode="min", factor=cfg.factor, patience=cfg.patience, min_lr=cfg.min_lr)
     if cfg.name == "cosine":
@@ -57,6 +61,11 @@ def build_scheduler(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: 
 
 
 def step_scheduler(scheduler, val_loss: float) -> None:
+    """The end-of-epoch step (per-step schedules step in the loop instead)."""
+    from chexdist.training.schedules import is_per_step
+
+    if is_per_step(scheduler):
+        return
     if isinstance(scheduler, ReduceLROnPlateau):
         scheduler.step(val_loss)
     else:

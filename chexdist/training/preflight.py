@@ -13,10 +13,12 @@ from chexdist.config import Config, config_from_dict, config_to_dict, load_yaml
 from chexdist.data.shardformat import load_manifest, split_shards
 from chexdist.errors import ChexdistError, SameOnAllRanks
 from chexdist.training.checkpoint import list_checkpoints, resolve_resume
+from chexdist.training.trackers import check_trackers
 
 # Keys a --resume may change. data.num_workers changes the data plan: allowed at an epoch boundary,
 # refused mid-epoch by the shape check (see checkpoint.SHAPE_KEYS).
-RESUMABLE_KEYS = {"train.epochs", "data.num_workers", "data.shards", "eval.bootstrap", "train.log_every_s"}
+RESUMABLE_KEYS = {"train.epochs", "data.num_workers", "data.shards", "eval.bootstrap", "train.log_every_s", "train.log_with",
+                  "train.log_every_steps"}
 
 
 @dataclass
@@ -33,6 +35,7 @@ def preflight(config: Config, out: str | os.PathLike, resume: bool | str | None)
     out = Path(out)
     if not config.data.shards:
         raise ChexdistError("config key 'data.shards' is empty; pass --shards DIR or --set data.shards=DIR")
+    check_trackers(config.train.log_with)
     manifest = load_manifest(config.data.shards)
     for split in ("train", "val"):
         if sum(entry["samples"] for entry in split_shards(manifest, split, str(config.data.shards))) == 0:
