@@ -93,7 +93,11 @@ def test_a_second_ctrl_c_aborts_at_once_without_saving(train_shards, tmp_path):
         stderr_lines.append(line)
     assert "Ctrl-C again aborts without saving" in stderr_lines[-1]
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the second Ctrl-C did not end the process")
     assert proc.returncode == -signal.SIGINT, "the second Ctrl-C must end the process at once"
     assert checkpoints(out) == saved
     assert not (out / "PREEMPTED").exists()
