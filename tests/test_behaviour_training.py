@@ -69,6 +69,7 @@ def rank_report(out: Path, rank: int = 0) -> dict:
     return json.loads(Path(f"{out}-rank{rank}.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision,dtype", [("bf16", "torch.bfloat16"), ("no", "torch.float32")])
 def test_autocast_sets_the_forward_dtype_in_training(train_shards, tmp_path, precision, dtype):
     """The head's output in training steps is bf16 under train.precision=bf16 (autocast on CPU), fp32 without."""
@@ -89,6 +90,7 @@ def one_sgd_step(tmp_path: Path, shards: Path, clip: float) -> tuple[torch.Tenso
     return torch.cat([(after[k] - before[k]).flatten().double() for k in sorted(before)]), 0.1
 
 
+@pytest.mark.slow
 def test_grad_clip_shortens_the_update_to_the_clip_norm(train_shards, tmp_path):
     clip = 0.05
     free, lr = one_sgd_step(tmp_path, train_shards, 0.0)

@@ -42,6 +42,7 @@ def evaluated(run: Path, shards: Path, split: str, out: Path) -> dict:
     return read_predictions(out / "predictions.csv")
 
 
+@pytest.mark.slow
 def test_jpeg_shards_hold_jpegs(jpeg_run):
     shards, _ = jpeg_run
     manifest = json.loads((shards / "manifest.json").read_text())
@@ -52,6 +53,7 @@ def test_jpeg_shards_hold_jpegs(jpeg_run):
         assert tar.extractfile(next(n for n in names if n.endswith(".jpg"))).read(3) == b"\xff\xd8\xff"
 
 
+@pytest.mark.slow
 def test_wbce_val_loss_uses_the_manifest_pos_weight(jpeg_run, tmp_path):
     """val_loss of the one epoch (whose weights are best.safetensors) = mean over samples and findings of
     -(w y log p + (1 - y) log(1 - p)), w = negatives/positives of the train split (1 where either is 0)."""
@@ -71,6 +73,7 @@ def test_wbce_val_loss_uses_the_manifest_pos_weight(jpeg_run, tmp_path):
     assert abs(record["val_loss"] - bce) > 100 * abs(record["val_loss"] - wbce)
 
 
+@pytest.mark.slow
 def test_predict_on_the_jpeg_files_matches_evaluate_on_their_shards(jpeg_run, tmp_path):
     from chexdist.evaluation.predict import predict_files
 
