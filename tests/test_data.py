@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -284,24 +285,29 @@ def test_train_max_batches(uneven):
 
 
 def test_train_skips_are_counted_and_replaced(tmp_path, caplog):
+    """Exact counts: every failed read is one skip, also a re-read of a bad sample by a replacement's scan
+    (rank 1's ring passes the cut shard three times and sample 1 twice more); each loader's count equals
+    the losses its warnings name (one per sample, or N for "N sample(s) of" a cut shard)."""
     write_shards(tmp_path, {"train": [6, 6, 5]}, bad={1: "image", 8: "json"})
     with open(tmp_path / "train-000002.tar", "r+b") as f:
         f.truncate(1536)
-    skipped, seen, logged = 0, [], ""
+    counts, seen, logged = [], [], ""
     with caplog.at_level(logging.WARNING, logger="chexdist.data.loader"):
         for rank in range(2):
             caplog.clear()
             loader, n = build_train_loader(tmp_path, 4, EVAL, 0, 2, rank, seed=0, epoch=0)
             images, numbers = collect_train(loader)
             assert len(images) == n == 3
-            skipped += loader.skipped
+            counts.append(loader.skipped)
             seen += numbers
             lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped ")]
             assert lines and lines[-1].endswith(f"[{loader.skipped} skipped by this loader]"), lines  # counts are per loader
+            named = [re.match(r"skipped (\d+) sample\(s\) of ", line) for line in lines]
+            assert sum(int(m.group(1)) if m else 1 for m in named) == loader.skipped, lines
             logged += caplog.text
-    assert skipped >= 2 + 5
-    assert not {1, 8} & set(seen)
-    assert "00000002_000" in logged
+    assert counts == [3, 16]
+    assert not {1, 8} & set(seen) and len(seen) == 2 * 3 * 4
+    assert "00000002_000" in logged and "00000009_000" in logged
 
 
 def test_train_refuses_empty_split(tmp_path):

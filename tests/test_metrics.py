@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import warnings
 
 import numpy as np
@@ -328,12 +327,14 @@ def test_bootstrap_refuses_bad_arguments(kwargs: dict, message: str) -> None:
         bootstrap_ci(p, y, **args)
 
 
-def test_bootstrap_is_fast_enough_for_a_real_test_split() -> None:
+def test_bootstrap_at_a_real_test_splits_size() -> None:
+    """10,000 images of 3,400 patients, 1000 resamples: every resample scores every finding (its speed
+    is `chexdist bench`'s business, not a wall-clock assert on a shared machine)."""
     p, y, groups = patient_case(3400, 3, jitter=0.1)
     p, y, groups = p[:10_000], y[:10_000], groups[:10_000]
-    start = time.perf_counter()
-    bootstrap_ci(p, y, groups, n_boot=1000)
-    assert time.perf_counter() - start < 20
+    ci = bootstrap_ci(p, y, groups, n_boot=1000)
+    assert ci["n_groups"] == 3334 and all(ci["n_used"]["auc"][name] == 1000 for name in LABELS)
+    assert all(lo <= hi for lo, hi in ci["auc"].values())
 
 
 # ------------------------------------------------------------------ comparison, curves, calibration

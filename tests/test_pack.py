@@ -158,41 +158,72 @@ def test_verify_detects_tampering(synth_shards, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def slow_root(tmp_path_factory):
+def kill_root(tmp_path_factory):
     from chexdist.data.synth import make_synthetic_nih
 
-    root = tmp_path_factory.mktemp("slow-nih")
-    make_synthetic_nih(root, images=120, size=384, seed=1)
+    root = tmp_path_factory.mktemp("kill-nih")
+    make_synthetic_nih(root, images=72, size=96, seed=1)
     return root
 
 
-def test_kill_and_resume_gives_identical_shards(slow_root, tmp_path):
-    reference = tmp_path / "reference"
-    settings = PackSettings(size=384, shard_size=8)
-    pack_dataset(slow_root, reference, settings, workers=1, progress=False)
+# `chexdist pack` in a process whose image encoder blocks for good at its STOP_AT-th image (3 images
+# into the third shard): the kill lands there by construction, however fast or loaded the machine.
+BLOCKING_PACK = """
+import sys, threading
+from pathlib import Path
+import chexdist.data.pack as pack
+from chexdist.cli.main import main
 
-    out = tmp_path / "resumed"
-    cmd = ["pack", "--nih-root", str(slow_root), "--out", str(out), "--size", "384", "--shard-size", "8", "--workers", "1", "--quiet"]
-    proc = subprocess.Popen([sys.executable, "-m", "chexdist.cli", *cmd], cwd=REPO)
-    deadline = time.time() + 60
-    while len(list((out / ".pack").glob("*.tar.json"))) < 2 and time.time() < deadline:
-        time.sleep(0.005)
+flag, stop_at, calls, encode = Path(sys.argv[1]), int(sys.argv[2]), [0], pack.encode_sample
+
+def blocking_encode(task):
+    calls[0] += 1
+    if calls[0] == stop_at:
+        flag.write_text("blocked")
+        threading.Event().wait()
+    return encode(task)
+
+pack.encode_sample = blocking_encode
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_identical_shards(kill_root, tmp_path):
+    """Killed 3 images into its third shard, a pack re-run keeps the two finished shards as they are
+    (same inode and mtime: not rewritten), drops the half-written temp, writes the rest, and ends
+    byte-identical to an uninterrupted pack."""
+    reference = tmp_path / "reference"
+    pack_dataset(kill_root, reference, PackSettings(size=64, shard_size=8), workers=1, progress=False)
+    total = len(list(reference.glob("*.tar")))
+
+    out, flag = tmp_path / "resumed", tmp_path / "blocked"
+    cmd = ["pack", "--nih-root", str(kill_root), "--out", str(out), "--size", "64", "--shard-size", "8", "--workers", "1", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKING_PACK, str(flag), str(2 * 8 + 3), *cmd], cwd=REPO)
+    deadline = time.time() + 120
+    while not flag.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert flag.exists(), "the pack never reached its blocking image"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = len(list((out / ".pack").glob("*.tar.json")))
-    total = len(list(reference.glob("*.tar")))
-    assert 2 <= finished < total, "the pack finished before it could be killed; make the fixture slower"
+    finished = sorted(p.name.removesuffix(".json") for p in (out / ".pack").glob("*.tar.json"))
+    assert len(finished) == 2 and total > 3
+    assert sorted(p.name for p in out.glob("*.tar")) == finished
+    assert len(list(out.glob(".*.tmp"))) == 1, "the third shard is half-written under its temp name"
     assert not (out / "manifest.json").exists()
+    before = {name: ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) for name in finished}
 
     result = run_cli(*cmd)
     assert result.returncode == 0, result.stderr
     ref_manifest, new_manifest = read_manifest(reference), read_manifest(out)
     assert new_manifest == ref_manifest
     assert sorted(p.name for p in out.glob("*.tar")) == sorted(p.name for p in reference.glob("*.tar"))
+    assert {name: ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) for name in finished} == before
     assert not list(out.glob(".*.tmp"))
-    assert read_samples(out).keys() == read_samples(reference).keys()
+    for shard in reference.glob("*.tar"):
+        assert (out / shard.name).read_bytes() == shard.read_bytes(), shard.name
 
-    other = run_cli("pack", "--nih-root", str(slow_root), "--out", str(out), "--size", "256", "--quiet")
+    other = run_cli("pack", "--nih-root", str(kill_root), "--out", str(out), "--size", "256", "--quiet")
     assert other.returncode == 2 and "other settings" in other.stderr
 
 
