@@ -329,12 +329,12 @@ def test_a_trial_whose_worker_dies_resumes_from_its_last_checkpoint(ray_tmp, sha
 
 @pytest.mark.slow
 def test_trial_time_stops_trials_and_time_budget_leaves_them_unfinished(ray_tmp, shards, tmp_path, capsys):
-    """Budgets that certainly expire: --trial-time 0.001 s ends each trial at its first report (STOPPED
-    after 1 of 3 epochs); --time-budget 0.001 s ends the search before any trial finishes (UNFINISHED)."""
-    code = run_cli(tune_args(shards, tmp_path, "trialtime", "--trials", "2", "--max-epochs", "3", "--scheduler", "fifo",
+    """Budgets that certainly expire: --trial-time 0.001 s ends the trial at its first report (STOPPED
+    after 1 of 3 epochs); --time-budget 0.001 s ends the search before any trial reports (UNFINISHED)."""
+    code = run_cli(tune_args(shards, tmp_path, "trialtime", "--trials", "1", "--max-epochs", "3", "--scheduler", "fifo",
                              "--seed", "0", "--trial-time", "0.001"))
     assert code == 0
-    assert [(r["status"], r["epochs"]) for r in read_csv(tmp_path / "trialtime" / "results.csv")] == [("STOPPED", "1")] * 2
+    assert [(r["status"], r["epochs"]) for r in read_csv(tmp_path / "trialtime" / "results.csv")] == [("STOPPED", "1")]
     code = run_cli(tune_args(shards, tmp_path, "budget", "--trials", "2", "--max-epochs", "3", "--scheduler", "fifo",
                              "--seed", "0", "--time-budget", "0.001"))
     assert code == 1  # no trial reported a result, so no best.yaml
