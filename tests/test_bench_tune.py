@@ -37,11 +37,13 @@ def test_without_ray_one_line_names_the_extra(args, without_ray):
 
 
 @pytest.mark.slow
-def test_bench_tune_prints_its_json_lines():
-    """A tiny search (1 epoch, 2 batches): every stdout line is one JSON result, first the trial overhead."""
+def test_bench_tune_prints_its_json_lines(synth_shards):
+    """A tiny search (1 epoch, 2 batches) on the session's small synthetic shards, not the bench's own
+    600 images (synth + pack, each tested on its own, would cost a pack here): every stdout line is one
+    JSON result, first the trial overhead."""
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
-    done = chexdist(["bench", "tune", "--epochs", "1", "--steps", "2"], env={"RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"},
-                    timeout=900)
+    done = chexdist(["bench", "tune", "--epochs", "1", "--steps", "2", "--shards", str(synth_shards)],
+                    env={"RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(line) for line in done.stdout.splitlines()]
     assert [(r["bench"], r["case"]) for r in results] == [("tune", "trial_overhead"), ("tune", "ddp2_trial")]

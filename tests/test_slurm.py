@@ -196,34 +196,72 @@ def test_preempted_in_validation_then_in_training_requeues_resumes_and_finishes_
     assert all(torch.equal(got_weights[k], want_weights[k]) for k in want_weights)
 
 
-def test_tune_sbatch_runs_a_search_on_a_ray_cluster_and_stops_it(cluster, shards, tmp_path):
-    """tune.sbatch on the local cluster: Ray head in an srun step, 2 trials x 1 epoch of the tiny
-    space, results, and no Ray process of the job left afterwards (found by its own temp folder)."""
+# A pipe: shard source that, once a val shard was read (epoch 1 validated), holds every train read
+# (epoch 2) until the test creates FLAGS/release: the first job is cancelled at a known point.
+HOLD_EPOCH_2 = (
+    'case "$3" in\n'
+    '  val-*) : > "$2/validated" ;;\n'
+    '  train-*) i=0; while [ -e "$2/validated" ] && [ ! -e "$2/release" ] && [ $i -lt 1500 ]; do sleep 0.2; i=$((i+1)); done ;;\n'
+    "esac\n"
+    'exec cat "$1/$3"\n')
+
+
+def ray_processes(ray_temp: Path) -> list[dict]:
+    return [p.info for p in psutil.process_iter(["pid", "cmdline"]) if any(str(ray_temp) in part for part in (p.info["cmdline"] or []))]
+
+
+def no_ray_left(ray_temp: Path, timeout: float = 30) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while (left := ray_processes(ray_temp)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_tune_sbatch_resubmitted_continues_the_search_and_stops_ray(cluster, shards, tmp_path):
+    """tune.sbatch on the local cluster: Ray head in an srun step, 2 trials x 2 epochs of the tiny space
+    one at a time. The first job is cancelled while trial 1 is in epoch 2 (its epoch 1 reported); the
+    same job resubmitted continues the experiment (--resume): trial 1 goes on from its epoch-1
+    checkpoint, trial 2 runs, and no Ray process of either job is left (found by its temp folder)."""
     ray_temp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths
-    storage, log = tmp_path / "tune", tmp_path / "tune.out"
+    storage = tmp_path / "tune"
+    script = tmp_path / "hold.sh"
+    script.write_text(HOLD_EPOCH_2)
     try:
-        settings = {"SPACE": "tiny", "RECIPE": "tiny", "SHARDS": str(shards), "TRIALS": "2", "MAX_EPOCHS": "1",
-                    "STORAGE": str(storage), "NAME": "search", "RAY_TEMP": str(ray_temp / "t"),
-                    "RAY_TMPDIR": str(ray_temp), "RAY_AUTH_MODE": "disabled", "CPUS_PER_TRIAL": "1",
-                    "TUNE_ARGS": "--scheduler fifo --seed 0 " + " ".join(f"--set {s}" for s in TUNE_SETS)}
+        settings = {"SPACE": "tiny", "RECIPE": "tiny", "SHARDS": f"pipe:exec sh {script} {shards} {tmp_path} {{name}}",
+                    "TRIALS": "2", "MAX_EPOCHS": "2", "STORAGE": str(storage), "NAME": "search", "RAY_TEMP": str(ray_temp / "t"),
+                    "RAY_TMPDIR": str(ray_temp), "RAY_AUTH_MODE": "disabled", "CPUS_PER_TRIAL": "1", "TUNE_GLOBAL_CHECKPOINT_S": "0",
+                    "TUNE_ARGS": "--scheduler fifo --seed 0 --max-concurrent 1 " + " ".join(f"--set {s}" for s in TUNE_SETS)}
+        first_log, log = tmp_path / "first.out", tmp_path / "tune.out"
+        first = cluster.sbatch(f"--output={first_log}", "--cpus-per-task=2", settings=settings, workdir=tmp_path,
+                               script="tune.sbatch")
+        reported = lambda: [p for p in storage.glob("search/*/epochs.jsonl") if p.read_text().strip()]  # noqa: E731
+        wait_for(lambda: reported() and (tmp_path / "validated").exists(), "trial 1's epoch 1", first_log, timeout=300)
+        sh("scancel", first, env=cluster.env)
+        info = cluster.wait(first, first_log)
+        assert info["JobState"] == "CANCELLED", first_log.read_text()[-3000:]
+        assert no_ray_left(ray_temp) == []
+        (trial_one,) = [p.parent for p in reported()]
+        assert [json.loads(line)["epoch"] for line in (trial_one / "epochs.jsonl").read_text().splitlines()] == [1]
+
+        (tmp_path / "release").touch()
         job_id = cluster.sbatch(f"--output={log}", "--cpus-per-task=2", settings=settings, workdir=tmp_path,
                                 script="tune.sbatch")
         info = cluster.wait(job_id, log, timeout=300)
         text = log.read_text()
         assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
-        assert "Ray head" in text and "search exited with code 0; stopping Ray" in text
+        assert "Ray head" in text and f"continuing the experiment in {storage}/search" in text
+        assert "search exited with code 0; stopping Ray" in text
         with open(storage / "search" / "results.csv", newline="") as f:
             rows = list(csv.DictReader(f))
-        assert len(rows) == 2, rows
-        assert [(r["status"], r["epochs"]) for r in rows] == [("DONE", "1")] * 2, rows
-        aucs = [float(r["best_val_auc_mean"]) for r in rows]
-        assert all(0.0 <= a <= 1.0 for a in aucs), aucs
+        assert sorted((r["status"], r["epochs"]) for r in rows) == [("DONE", "2")] * 2, rows
+        assert all(0.0 <= float(r["best_val_auc_mean"]) <= 1.0 for r in rows), rows
+        for epochs_file in (trial_one / "epochs.jsonl", trial_one / "run" / "metrics.jsonl"):  # epoch 1 not re-run
+            assert [json.loads(line)["epoch"] for line in epochs_file.read_text().splitlines()] == [1, 2], epochs_file
         assert (storage / "search" / "best.yaml").stat().st_size > 0
         assert not (ray_temp / "t").exists()  # the script removed its Ray temp folder
-        left = [p.info for p in psutil.process_iter(["pid", "cmdline"])
-                if any(str(ray_temp) in part for part in (p.info["cmdline"] or []))]
-        assert left == [], left
+        assert no_ray_left(ray_temp) == []
     finally:
+        (tmp_path / "release").touch()
         for p in psutil.process_iter(["cmdline"]):  # only this test's Ray, if an assertion failed above
             if any(str(ray_temp) in part for part in (p.info["cmdline"] or [])):
                 p.kill()

@@ -109,11 +109,13 @@ def _ray_statuses(experiment_dir: str) -> dict[str, str]:
 
 
 def _status(result, ray_status: str | None, epochs: int, budget: int) -> str:
-    """ERROR; UNFINISHED (pending or running when the search was stopped, or its --time-budget ran
-    out); DONE (ran its epoch budget); or STOPPED (by ASHA/PBT, early stopping or --trial-time)."""
+    """ERROR; UNFINISHED (pending or running when the search was stopped, or ended by --time-budget
+    before its first epoch: Ray marks those TERMINATED, but nothing that acts on results can have
+    stopped them); DONE (ran its epoch budget); or STOPPED (by ASHA/PBT, early stopping, --trial-time
+    or the --time-budget after its first epoch)."""
     if result.error is not None:
         return "ERROR"
-    if ray_status not in (None, "TERMINATED", "ERROR"):
+    if ray_status not in (None, "TERMINATED", "ERROR") or epochs == 0:
         return "UNFINISHED"
     return "DONE" if epochs >= budget else "STOPPED"
 
