@@ -28,6 +28,7 @@ from chexdist.labels import LABELS
 from chexdist.data.nih import NihRelease, load_release, missing_by_folder
 from chexdist.utils.progress import interactive
 from chexdist.data.shardformat import FORMAT_VERSION, MANIFEST, positives, sample_offsets
+from chexdist.data.shardindex import index_path, write_index
 from chexdist.data.splits import METHODS, SPLITS, assign_split, describe_lists, read_split_list
 
 FORMATS = ("png", "jpg")
@@ -216,6 +217,7 @@ def _write_shard(out: Path, plan: ShardPlan, settings: PackSettings) -> dict:
         f.flush()
         os.fsync(f.fileno())
     offsets = sample_offsets(temp)
+    write_index(temp, index_path(final))
     os.replace(temp, final)
     record = {
         "name": plan.name,
