@@ -80,7 +80,8 @@ def load_sources(shards: str | os.PathLike | Sequence[str], weights: Sequence[fl
                  for i, (s, m) in enumerate(zip(sources, manifests))]
     first = manifests[0]
     return {"format_version": first.get("format_version"), "labels": first["labels"], "image": first.get("image", {}),
-            "dataset": "+".join(dict.fromkeys(d["dataset"] for d in described)), "mixture": {"sources": described}, "splits": splits}
+            "dataset": "+".join(dict.fromkeys(d["dataset"] for d in described)), "mixture": {"sources": described}, "splits": splits,
+            "split": {"mixture": [m.get("split") for m in manifests]}, "source": {"mixture": [m.get("source") for m in manifests]}}
 
 
 # ---------------------------------------------------------------- the epoch ring
