@@ -16,7 +16,8 @@ COMMON = {"bench", "format", "workers", "images", "batch_size", "ours_px", "imag
           "ours_img_s", "baseline_img_s", "ratio", "ours_cpu_ms", "baseline_cpu_ms", "cpu_ratio", "baseline_px", "baseline_format"}
 STREAM = {"decode_only_img_s", "decode_only_cpu_ms", "stream_1proc_img_s", "stream_1proc_cpu_ms", "stream_overhead", "pipeline_overhead",
           "ours_steady_cpu_ms", "baseline_steady_cpu_ms", "pipeline_overhead_steady", "stage_cpu_ms", "glue_cpu_ms",
-          "ours_steady_main_cpu_ms", "baseline_steady_main_cpu_ms"}
+          "ours_steady_main_cpu_ms", "baseline_steady_main_cpu_ms", "img_s_per_core_steady", "cores_for_reference", "reference",
+          "decoder_cpu_ms", "decoder_fastest"}
 POSITIVE = {"ours_img_s", "baseline_img_s", "ratio", "ours_cpu_ms", "baseline_cpu_ms", "cpu_ratio", "shard_bytes"}
 
 
@@ -46,8 +47,10 @@ def test_loader_bench_prints_two_comparisons_per_format(tmp_path):
             assert 0 <= r["ours_steady_main_cpu_ms"] <= r["ours_steady_cpu_ms"]
             assert 0 <= r["baseline_steady_main_cpu_ms"] <= r["baseline_steady_cpu_ms"]
             stages = r["stage_cpu_ms"]
-            assert list(stages) == ["tar", "labels", "decode", "transform", "seeding", "collate", "normalize"]
+            assert list(stages) == ["read", "labels", "decode", "transform", "seeding", "collate", "normalize"]
             assert all(v >= 0 for v in stages.values()) and stages["decode"] > 0
+            assert set(r["decoder_cpu_ms"]) == ({"torchvision", "pil", "pil_draft"} if r["format"] == "jpg" else {"torchvision", "pil"})
+            assert r["cores_for_reference"] == pytest.approx(r["reference"]["train_img_s"] * r["ours_steady_cpu_ms"] / 1e3, rel=0.02)
             assert r["glue_cpu_ms"] == pytest.approx(r["stream_1proc_cpu_ms"] - sum(stages.values()), abs=1e-3)
     assert list(tmp_path.iterdir()) == [images]
 
