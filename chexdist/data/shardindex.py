@@ -148,7 +148,7 @@ def patient_code(dataset: str, patient: Any, mixed: bool) -> int:
     (NIH), else a 63-bit hash of the namespaced ID, so patients of different datasets never share a code."""
     if patient is None:
         return -1
-    if True:
+    if not mixed:
         try:
             return int(patient)
         except (TypeError, ValueError):
