@@ -129,3 +129,46 @@ def test_config_takes_a_list_and_bad_mixtures_get_one_line(folders):
         load_sources(folders[:1], [1, 2])
     with pytest.raises(ChexdistError, match="twice"):
         load_sources([folders[0], folders[0]])
+
+
+@pytest.fixture(scope="module")
+def packed_pair(tmp_path_factory) -> list[str]:
+    """Two packed synthetic folders (indexed shards); the second's manifest names another dataset."""
+    from chexdist.data.pack import PackSettings, pack_dataset
+    from chexdist.data.synth import make_synthetic_nih
+
+    root = tmp_path_factory.mktemp("packed-pair")
+    for i, name in enumerate(["a", "b"]):
+        make_synthetic_nih(root / f"nih-{name}", images=64, size=40, seed=i)
+        pack_dataset(root / f"nih-{name}", root / name, PackSettings(split="random", size=32, shard_size=16), workers=1, progress=False)
+    manifest = json.loads((root / "b" / "manifest.json").read_text())
+    (root / "b" / "manifest.json").write_text(json.dumps({**manifest, "dataset": "other"}))
+    return [str(root / "a"), str(root / "b")]
+
+
+def _two_process_train(out: Path, *sets: str) -> list[str]:
+    """`accelerate launch` of chexdist/train.py on 2 CPU processes, data.shards given by --set (not --shards)."""
+    import sys
+
+    from tests.test_scale import TRAIN_PY
+
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--main_process_port", str(free_port()), TRAIN_PY, "--recipe", "tiny", "--out", str(out), "--no-progress",
+            *[arg for s in sets for arg in ("--set", s)]]
+
+
+@pytest.mark.slow
+def test_engine_trains_a_mixture_on_two_processes_and_resumes_exactly(packed_pair, tmp_path):
+    from tests.test_scale import ENV, metrics, run
+
+    env = dict(ENV, ACCELERATE_USE_CPU="1")
+    sets = (f"data.shards=[{packed_pair[0]}, {packed_pair[1]}]", "data.num_workers=0", "data.max_train_batches=3")
+    for out, epochs, extra in (("whole", 2, []), ("half", 1, []), ("half", 2, ["--resume"])):
+        done = run([*_two_process_train(tmp_path / out, *sets, f"train.epochs={epochs}"), *extra], env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    a, b = metrics(tmp_path / "whole"), metrics(tmp_path / "half")
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == [1, 2] and a[0]["world_size"] == 2
+    for key in ("train_loss", "val_loss", "val_auc_mean"):
+        assert b[1][key] == pytest.approx(a[1][key], rel=1e-6, abs=1e-9), key
+    best = json.loads((tmp_path / "whole" / "best.json").read_text())
+    assert best["config"]["data"]["shards"] == packed_pair and len(best["shards"]["source"]["mixture"]) == 2
