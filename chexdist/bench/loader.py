@@ -20,11 +20,20 @@ from chexdist.data.loader import (
     seeded,
     build_train_loader,
 )
-from chexdist.data.samples import decode_gray, image_bytes, parse_labels
+from chexdist.data.samples import decode_gray, image_bytes
+from chexdist.data.shardindex import load_index
 from chexdist.errors import ChexdistError
 from chexdist.labels import NUM_LABELS
 from chexdist.data.shardformat import IMAGE_KEYS, iter_tar, load_manifest, shard_urls
 from chexdist.data.transforms import build_transform, split_normalization
+
+
+# The GPU rate the loader must feed when no GPU is measured here: timm's published train benchmark
+# (its results/ folder), DenseNet-121 at 224 under AMP autocast (float16 in timm's benchmark.py) on an RTX 3090.
+REFERENCE = {
+    "model": "densenet121", "img_size": 224, "train_img_s": 730.11, "batch_size": 256, "precision": "amp (float16 autocast)",
+    "gpu": "RTX 3090", "source": "huggingface/pytorch-image-models results/benchmark-train-amp-nchw-pt112-cu113-rtx3090.csv",
+}
 
 
 class FolderDataset(Dataset):
@@ -113,9 +122,14 @@ def _decode_only(shard_dir: Path, transform: Callable[[torch.Tensor], torch.Tens
 
 def _stage_costs(shard_dir: Path, transform: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> dict[str, float]:
     """CPU ms per image of each stage of the train stream, each run on its own over the whole split on
-    one thread, with the loader's own functions: what `stream_1proc_cpu_ms` is made of. What the stages
-    do not add up to is the loader's glue (sample planning, the shuffle buffer, generators)."""
+    one thread, as the loader runs it (indexed shards: one positioned read per sample, labels from the
+    index): what `stream_1proc_cpu_ms` is made of. What the stages do not add up to is the loader's
+    glue (sample planning, the shuffle buffer, generators)."""
     per_image, normalize = split_normalization(transform)
+    records = load_manifest(shard_dir)["splits"]["train"]["shards"]
+    indexes = [(str(shard_dir / r["name"]), load_index(str(shard_dir / r["name"]), r["samples"], r.get("offsets"))) for r in records]
+    if any(index is None for _, index in indexes):
+        raise ChexdistError(f"{shard_dir}: shards without an index; the bench packs its own, so this is a bug")
     costs: dict[str, float] = {}
 
     def stage(name: str, run: Callable[[], Any]) -> Any:
@@ -124,16 +138,53 @@ def _stage_costs(shard_dir: Path, transform: Callable[[torch.Tensor], torch.Tens
         costs[name] = time.process_time() - start
         return result
 
-    samples = stage("tar", lambda: [s for url in shard_urls(shard_dir, "train") for s in iter_tar(url)])
-    labels = stage("labels", lambda: [parse_labels(s)[0] for s in samples])
-    gray = stage("decode", lambda: [decode_gray(image_bytes(s)) for s in samples])
+    blobs = stage("read", lambda: [blob for path, index in indexes for blob in _pread_all(path, index)])
+    labels = stage("labels", lambda: [torch.from_numpy(index.labels[i]) for _, index in indexes for i in range(len(index.keys))])
+    gray = stage("decode", lambda: [decode_gray(b) for b in blobs])
     images = stage("transform", lambda: [per_image(g) for g in gray])
     batches = range(0, len(images), batch_size)
     stage("seeding", lambda: _seed_each(batches))
     collated = stage("collate", lambda: [(collate_images(images[b:b + batch_size], None), torch.stack(labels[b:b + batch_size]))
                                          for b in batches])
     stage("normalize", lambda: _normalize_each(normalize, collated))
-    return {name: round(1e3 * seconds / len(samples), 4) for name, seconds in costs.items()}
+    return {name: round(1e3 * seconds / len(blobs), 4) for name, seconds in costs.items()}
+
+
+def _pread_all(path: str, index) -> list[bytes]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return [os.pread(fd, int(n), int(at)) for at, n in zip(index.start, index.size)]
+    finally:
+        os.close(fd)
+
+
+def _decoders(blobs: list[bytes], fmt: str, side: int) -> dict[str, float]:
+    """CPU ms per image of each gray decoder the stack has, on the shard bytes: torchvision (libpng /
+    libjpeg-turbo on the bytes, what the loader uses), PIL, and for JPEG PIL with draft() (DCT-domain
+    downscaling to >= `side`, the eval resize: fewer pixels, not the same pixels)."""
+    import io
+
+    from PIL import Image
+
+    def pil(blob: bytes) -> Any:
+        with Image.open(io.BytesIO(blob)) as im:
+            return im.convert("L").load()
+
+    def draft(blob: bytes) -> Any:
+        with Image.open(io.BytesIO(blob)) as im:
+            im.draft("L", (side, side))
+            return im.convert("L").load()
+
+    candidates: dict[str, Callable[[bytes], Any]] = {"torchvision": decode_gray, "pil": pil}
+    if fmt in ("jpg", "jpeg"):
+        candidates["pil_draft"] = draft
+    costs = {}
+    for name, decode in candidates.items():
+        start = time.process_time()
+        for blob in blobs:
+            decode(blob)
+        costs[name] = round(1e3 * (time.process_time() - start) / len(blobs), 4)
+    return costs
 
 
 def _normalize_each(normalize: Callable[[torch.Tensor], torch.Tensor], batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -213,6 +264,8 @@ def loader_suite(
                 same_res = _write_shard_images(shards, Path(tmp) / f"files-{fmt}")
                 t = _measure(shards, manifest, paths, same_res, transform, batch_size, workers, repeats)
                 stages = _stage_costs(shards, transform, batch_size)
+                blobs = [image_bytes(sample) for url in shard_urls(shards, "train") for sample in iter_tar(url)]
+                decoders = _decoders(blobs, fmt, eval_resize)
                 common = {
                     "bench": "loader", "format": fmt, "workers": workers, "images": count, "batch_size": batch_size,
                     "ours_px": size, "image_size": image_size,
@@ -221,7 +274,8 @@ def loader_suite(
                 yield {**common, "comparison": "packed (pre-resized) vs raw files", **compare(t["ours"], t["raw"]),
                        "baseline_px": raw_px, "baseline_format": sorted({p.suffix.lstrip(".") for p in paths})}
                 yield {**common, "comparison": "stream vs same-resolution files", **compare(t["ours"], t["files_same"]),
-                       "baseline_px": _shorter_sides(same_res), "baseline_format": [fmt], **_stream_figures(t, stages)}
+                       "baseline_px": _shorter_sides(same_res), "baseline_format": [fmt], **_stream_figures(t, stages),
+                       "decoder_cpu_ms": decoders, "decoder_fastest": min(decoders, key=decoders.get)}
         finally:
             torch.set_num_threads(threads)
 
@@ -269,5 +323,8 @@ def _stream_figures(t: dict[str, list[Timing]], stages: dict[str, float]) -> dic
             "baseline_steady_cpu_ms": round(best_cpu(t["files_steady"]), 3),
             "baseline_steady_main_cpu_ms": main_cpu_ms(t["files_steady"]),
             "pipeline_overhead_steady": round(best_cpu(t["ours_steady"]) / bare_cpu - 1, 3),
+            "img_s_per_core_steady": round(1e3 / best_cpu(t["ours_steady"]), 1),
+            "cores_for_reference": round(REFERENCE["train_img_s"] * best_cpu(t["ours_steady"]) / 1e3, 2),
+            "reference": REFERENCE,
         })
     return figures

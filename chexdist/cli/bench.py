@@ -10,7 +10,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.suite == "loader":
         options = dict(images=args.images, count=args.count or 1024, workers=args.workers, batch_size=args.batch_size or 32,
-                       repeats=args.repeats or 2, formats=tuple(args.formats.split(",")))
+                       repeats=args.repeats or 2, formats=tuple(args.formats.split(",")), size=args.size)
     elif args.suite == "tune":
         options = dict(shards=args.shards, epochs=args.epochs, max_batches=args.steps)
     elif args.suite == "pack":
@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=0, help="loader 32, train 16")
     p.add_argument("--repeats", type=int, default=0, help="timed repeats (loader 2, pack 3, train 6)")
     p.add_argument("--formats", default="png,jpg", help="loader: shard formats; pack: the first one")
-    p.add_argument("--size", type=int, default=512, help="pack/resume: shorter side of packed images")
+    p.add_argument("--size", type=int, default=512, help="loader/pack/resume: shorter side of packed images")
     p.add_argument("--model", default="resnet18", help="train: model name")
     p.add_argument("--image-size", type=int, default=128, help="train: input side")
     p.add_argument("--steps", type=int, default=20, help="train: optimizer steps per timed run")

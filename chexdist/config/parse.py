@@ -168,9 +168,11 @@ def _coerce(key: str, value: Any, tp: Any, limits: Mapping[str, Any]) -> Any:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         inner = [a for a in get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.strip().lower() in _NULL_WORDS):
+        nullable = len(inner) < len(get_args(tp))
+        if nullable and (value is None or (isinstance(value, str) and value.strip().lower() in _NULL_WORDS)):
             return None
-        return _coerce(key, value, inner[0], limits)
+        listed = [a for a in inner if get_origin(a) is list]
+        return _coerce(key, value, listed[0] if listed and isinstance(value, (list, tuple)) else inner[0], limits)
     if origin is Literal:
         choices = get_args(tp)
         if isinstance(value, bool):
@@ -425,7 +427,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         value = parse_yaml(text) if text else None
     except yaml.YAMLError:
         value = text
-    if str in plain and not isinstance(value, str) and not (value is None and type(None) in plain):
+    listed = isinstance(value, list) and any(get_origin(t) is list for t in plain)
+    if str in plain and not isinstance(value, str) and not (value is None and type(None) in plain) and not listed:
         value = text
     return section, key, value
 

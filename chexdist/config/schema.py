@@ -43,7 +43,8 @@ class DataConfig:
     0 (or null) means derived. config.yaml and best.json hold the resolved number.
     """
 
-    shards: str = ""
+    shards: str | list[str] = _f("", doc="a shard folder or URL, or a list of them: a mixture (docs/loader.md)")
+    shard_weights: list[float] = _f([], gt=0, doc="one sampling weight per data.shards entry; [] = every sample once an epoch")
     image_size: int = _f(224, ge=16)
     crop_pct: float = _f(0.875, gt=0, le=1)
     eval_resize: int | None = _f(0, ge=0, doc="0 or null = floor(image_size / crop_pct)")

@@ -34,15 +34,12 @@ Eval: see :func:`build_eval_loader` for the padding/mask contract.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import functools
-import logging
 import math
 import multiprocessing
 import os
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -53,133 +50,16 @@ from webdataset.filters import shuffle
 
 from chexdist.errors import ChexdistError
 from chexdist.labels import NUM_LABELS
-from chexdist.data.samples import read_sample
-from chexdist.data.shardformat import (
-    describe_stream_error,
-    iter_tar,
-    load_manifest,
-    local_path,
-    patient_code,
-    resolve,
-    sample_offsets,
-    split_shards,
-)
+from chexdist.data.mixture import Chunk, load_sources, ring_segments, shares, source_list, weighted_chunks
+from chexdist.data.reader import Item, LoaderStats, Shards, read_segments, shards_of
+from chexdist.data.shardformat import split_shards
 from chexdist.utils.stopsignals import blocked, serve_through_stop_signals
 from chexdist.data.transforms import GrayToNormalizedRGB, split_normalization
-
-log = logging.getLogger(__name__)
-
-_LOG_FIRST = 20
-_LOG_EVERY = 1000
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
-# ---------------------------------------------------------------- skip accounting
-
-
-class LoaderStats:
-    """Samples skipped (unreadable shard part, undecodable image, bad json) and shard bytes read, summed over workers.
-
-    Each worker writes only its own slot of shared-memory tensors, so no lock is needed and the
-    counts reach the main process under fork and spawn alike. The counts belong to one loader (all
-    its passes), so a new loader, e.g. in a reused Ray trial actor, starts from zero.
-    """
-
-    def __init__(self, slots: int):
-        self.counts = torch.zeros(max(1, slots), dtype=torch.int64).share_memory_()
-        self.bytes = torch.zeros(max(1, slots), dtype=torch.int64).share_memory_()
-        self.reports = torch.zeros(max(1, slots), dtype=torch.int64).share_memory_()
-
-    @property
-    def skipped(self) -> int:
-        return int(self.counts.sum())
-
-    @property
-    def bytes_read(self) -> int:
-        return int(self.bytes.sum())
-
-    def skip(self, slot: int, what: str, reason: BaseException | str, n: int = 1) -> None:
-        """Count `n` lost samples and log the loss: this loader's first few losses in full, then every
-        1000th, so a bad shard can't flood logs."""
-        self.counts[slot] += n
-        self.reports[slot] += 1
-        reported = int(self.reports.sum())
-        if reported <= _LOG_FIRST or reported % _LOG_EVERY == 0:
-            more = " (further skips are logged every 1000th)" if reported == _LOG_FIRST else ""
-            log.warning("skipped %s: %s [%d skipped by this loader]%s", what, reason, self.skipped, more)
-
-    def add_bytes(self, slot: int, n: int) -> None:
-        self.bytes[slot] += n
-
-
-@dataclass(frozen=True)
-class _Shards:
-    """The shards a loader reads, with each one's sample offsets where known (manifest `offsets`)."""
-
-    urls: list[str]
-    counts: list[int]
-    offsets: list[list[int] | None]
-
-    def index(self, shard: int) -> list[int] | None:
-        """Sample offsets of a shard: the manifest's, else rebuilt once per process for a local file
-        (manifests packed before the index existed); None for a stream, which is read through."""
-        if self.offsets[shard] is not None:
-            return self.offsets[shard]
-        path = local_path(self.urls[shard])
-        return _local_index(path) if path is not None else None
-
-
-@functools.lru_cache(maxsize=4096)
-def _local_index(path: str) -> list[int] | None:
-    try:
-        return sample_offsets(path)
-    except Exception:
-        return None  # unreadable: read through and let _read_segments count what is lost
-
-
-def _shards(shard_dir: str | os.PathLike, records: list[dict]) -> _Shards:
-    def offsets(record: dict) -> list[int] | None:
-        found = record.get("offsets")
-        return found if isinstance(found, list) and len(found) == record["samples"] else None
-
-    return _Shards([resolve(shard_dir, r["name"]) for r in records], [r["samples"] for r in records], [offsets(r) for r in records])
-
-
-def _read_segments(shards: _Shards, segments: Iterable[tuple[int, int, int]], stats: LoaderStats, slot: int) -> Iterator[dict | None]:
-    """Exactly `take` items per (shard, skip, take) segment: a sample, or None for each one lost."""
-    for shard, skip, take in segments:
-        got, read = 0, [0]
-        url = shards.urls[shard]
-        try:
-            for sample in iter_tar(url, skip, take, offsets=shards.index(shard) if skip else shards.offsets[shard], on_read=read.append):
-                got += 1
-                yield sample
-        except Exception as exc:
-            reason: BaseException | str = describe_stream_error(exc)
-        else:
-            reason = "shard ended early (cut or corrupt tar, or fewer samples than its manifest record)"
-        finally:
-            stats.add_bytes(slot, sum(read))
-        if got < take:
-            lost = take - got
-            stats.skip(slot, f"{lost} sample(s) of {url} from position {skip + got}", reason, lost)
-            yield from [None] * lost
-
-
-# ---------------------------------------------------------------- decoding
-
-
-@dataclass
-class _Decoded:
-    image: torch.Tensor
-    labels: torch.Tensor
-    meta: dict
-
-
-def _decode(sample: dict, transform: Transform) -> _Decoded:
-    gray, labels, meta = read_sample(sample)
-    return _Decoded(transform(gray), labels, meta)
+# ---------------------------------------------------------------- workers and batches
 
 
 def _worker_slot() -> int:
@@ -221,28 +101,6 @@ def collate_images(images: list[torch.Tensor], normalize: GrayToNormalizedRGB | 
 # ---------------------------------------------------------------- the ring of train positions
 
 
-def _ring_segments(counts: list[int], order: list[int], start: int, length: int | None) -> Iterator[tuple[int, int, int]]:
-    """(shard, skip, take) covering ring positions start .. start+length-1, wrapping; None = forever.
-
-    The ring is the concatenation of the shards in `order`; position q lies in shard order[i] where
-    cum[i] <= q < cum[i+1].
-    """
-    cum = [0]
-    for shard in order:
-        cum.append(cum[-1] + counts[shard])
-    total = cum[-1]
-    q = start % total
-    remaining = length
-    while remaining is None or remaining > 0:
-        i = bisect.bisect_right(cum, q) - 1
-        take = cum[i + 1] - q
-        if remaining is not None:
-            take = min(take, remaining)
-            remaining -= take
-        yield order[i], q - cum[i], take
-        q = (q + take) % total
-
-
 def seed_words(*key: int) -> np.ndarray:
     """Four 32-bit words drawn from numpy's SeedSequence of `key` (independent streams per key)."""
     return np.random.SeedSequence(list(key)).generate_state(4)
@@ -267,28 +125,62 @@ def seeded(words: np.ndarray) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class _TrainPlan:
-    """Everything one rank's streams need for any epoch; plain data so the dataset pickles for any start method."""
+    """Everything one rank's streams need for any epoch; plain data so the dataset pickles for any start method.
 
-    shards: _Shards
+    `sources`/`share`: a weighted mixture's shards per source and samples per epoch (None: unweighted)."""
+
+    shards: Shards
     batches: list[int]
     batch_size: int
     shuffle_buffer: int
     seed: int
     rank: int
     num_batches: int
+    sources: list[list[int]] | None = None
+    share: list[int] | None = None
 
-    def ring(self, epoch: int) -> tuple[list[int], list[int]]:
-        """(shard order, ring start of each worker) of `epoch`: a (seed, epoch) permutation of the
-        shards, rotated by a seeded offset; this rank's workers take consecutive ranges of it."""
-        total = sum(self.shards.counts)
+    def ring(self, epoch: int) -> tuple[list[Chunk], list[int]]:
+        """(the epoch's ring as chunks, ring start of each worker): a (seed, epoch) permutation of the
+        shards (see `chexdist.data.mixture` for weights), rotated by a seeded offset; this rank's
+        workers take consecutive ranges of it."""
+        counts = self.shards.counts
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.shards.counts)).tolist()
-        position = int(rng.integers(total)) + self.rank * self.num_batches * self.batch_size
+        if self.sources is None:
+            chunks = [(s, 0, counts[s]) for s in rng.permutation(len(counts)).tolist()]
+        else:
+            chunks = weighted_chunks(counts, self.sources, self.share, rng)
+        position = int(rng.integers(sum(take for _, _, take in chunks))) + self.rank * self.num_batches * self.batch_size
         starts = []
         for count in self.batches:
             starts.append(position)
             position += count * self.batch_size
-        return order, starts
+        return chunks, starts
+
+
+class _Batch:
+    """One batch collated in place: rows written straight into a preallocated (shared-memory) uint8 buffer."""
+
+    def __init__(self, size: int, normalize: GrayToNormalizedRGB | None):
+        self.size, self.normalize = size, normalize
+        self.images: torch.Tensor | None = None
+        self.labels = torch.zeros((size, NUM_LABELS), dtype=torch.float32)
+
+    def put(self, row: int, image: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        if self.images is None or self.images.shape[1:] != image.shape:
+            if self.images is not None:
+                raise ChexdistError(f"the transform gave images of shape {tuple(self.images.shape[1:])} and {tuple(image.shape)} "
+                                    "in one batch; it must end in a fixed size (resize/crop)")
+            self.images = _empty((self.size, *image.shape), image.dtype)
+        self.images[row] = image
+        if labels is not None:
+            self.labels[row] = labels
+
+    def finish(self) -> torch.Tensor:
+        """The batch's images; with `normalize`, normalized in one pass straight into the output buffer."""
+        if self.normalize is None:
+            return self.images
+        out = _empty((self.size, self.normalize.scale.shape[0], *self.images.shape[-2:]), torch.float32)
+        return torch.mul(self.images.to(torch.float32), self.normalize.scale, out=out).add_(self.normalize.shift)
 
 
 class TrainStream(IterableDataset):
@@ -317,7 +209,7 @@ class TrainStream(IterableDataset):
         first = max(0, -(-(start_batch - worker) // workers))
         if first >= p.batches[worker]:
             return
-        order, starts = p.ring(epoch)
+        chunks, starts = p.ring(epoch)
         budget = p.batches[worker] * B
         shuffle_seed = int(seed_words(p.seed, epoch, p.rank, worker)[0])
         perm = list(shuffle(p.shuffle_buffer, initial=p.shuffle_buffer, rng=random.Random(shuffle_seed))(iter(range(budget))))
@@ -326,45 +218,45 @@ class TrainStream(IterableDataset):
         for q in wanted:
             needed[q] = 1
         lowest = min(wanted)
-        segments = _ring_segments(p.shards.counts, order, starts[worker] + lowest, budget - lowest)
-        reader = enumerate(_read_segments(p.shards, segments, self.stats, slot), start=lowest)
-        pending: dict[int, dict | None] = {}
+        segments = ring_segments(chunks, starts[worker] + lowest, budget - lowest)
+        reader = enumerate(read_segments(p.shards, segments, self.stats, slot), start=lowest)
+        pending: dict[int, Item | None] = {}
         for b in range(first, p.batches[worker]):
-            images, labels = [], []
+            batch = _Batch(B, self.normalize)
             with seeded(seed_words(p.seed, epoch, p.rank, worker, b)):
-                for j in range(b * B, (b + 1) * B):
+                for row, j in enumerate(range(b * B, (b + 1) * B)):
                     while perm[j] not in pending:
                         q, item = next(reader)
                         if needed[q]:
                             pending[q] = item
                     decoded = self._decode(pending.pop(perm[j]), slot)
                     if decoded is None:
-                        decoded = self._replacement(order, starts[worker] + budget + j, slot)
-                    images.append(decoded.image)
-                    labels.append(decoded.labels)
-            yield collate_images(images, self.normalize), torch.stack(labels)
+                        decoded = self._replacement(chunks, starts[worker] + budget + j, slot)
+                    batch.put(row, *decoded)
+            yield batch.finish(), batch.labels
 
-    def _decode(self, item: dict | None, slot: int) -> _Decoded | None:
+    def _decode(self, item: Item | None, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if item is None:
             return None
         try:
-            return _decode(item, self.transform)
+            gray, labels, _ = item.read()
+            return self.transform(gray), labels
         except Exception as exc:
-            self.stats.skip(slot, f"{item['__key__']} in {item['__url__']}", exc)
+            self.stats.skip(slot, f"{item.key} in {item.url}", exc)
             return None
 
-    def _replacement(self, order: list[int], ring_position: int, slot: int) -> _Decoded:
+    def _replacement(self, chunks: list[Chunk], ring_position: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first decodable sample from `ring_position` on (another worker's range); a fixed place
         per output slot, so a replacement does not shift later batches."""
-        counts = self.plan.shards.counts
-        candidates = _read_segments(self.plan.shards, _ring_segments(counts, order, ring_position, sum(counts)), self.stats, slot)
+        total = sum(take for _, _, take in chunks)
+        candidates = read_segments(self.plan.shards, ring_segments(chunks, ring_position, total), self.stats, slot)
         with contextlib.closing(candidates):
             for item in candidates:
                 decoded = self._decode(item, slot)
                 if decoded is not None:
                     return decoded
         raise ChexdistError(
-            f"train split ({len(counts)} shards, e.g. {self.plan.shards.urls[0]}): no decodable sample in a full "
+            f"train split ({len(self.plan.shards.counts)} shards, e.g. {self.plan.shards.urls[0]}): no decodable sample in a full "
             "pass over the split; see the warnings above"
         )
 
@@ -385,7 +277,7 @@ class EvalBatch(NamedTuple):
 
 @dataclass(frozen=True)
 class _EvalPlan:
-    shards: _Shards
+    shards: Shards
     rank_start: int
     rank_samples: int
     batch_ranges: list[tuple[int, int]]
@@ -410,42 +302,43 @@ class EvalStream(IterableDataset):
         B = p.batch_size
         lo = min(first * B, p.rank_samples)
         hi = min(last * B, p.rank_samples)
-        counts = p.shards.counts
-        segments = _ring_segments(counts, list(range(len(counts))), p.rank_start + lo, hi - lo) if hi > lo else iter(())
-        items = _read_segments(p.shards, segments, self.stats, slot)
+        chunks = [(s, 0, n) for s, n in enumerate(p.shards.counts)]
+        items = read_segments(p.shards, ring_segments(chunks, p.rank_start + lo, hi - lo) if hi > lo else iter(()), self.stats, slot)
         pad: torch.Tensor | None = None
         for b in range(first, last):
-            images, labels = [], torch.zeros((B, NUM_LABELS), dtype=torch.float32)
+            batch, empty = _Batch(B, self.normalize), []
             valid = torch.zeros(B, dtype=torch.bool)
             index = torch.full((B,), -1, dtype=torch.int64)
             patient = torch.full((B,), -1, dtype=torch.int64)
             keys = [""] * B
             for row in range(B):
                 position = b * B + row
-                if position >= p.rank_samples:
-                    images.append(None)
+                item = None
+                if position < p.rank_samples:
+                    index[row] = p.rank_start + position
+                    item = next(items)
+                decoded = self._decode(item, slot) if item is not None else None
+                if decoded is None:
+                    empty.append(row)
+                    keys[row] = item.key if item is not None else ""
                     continue
-                index[row] = p.rank_start + position
-                item = next(items)
-                if item is None:
-                    images.append(None)
-                    continue
-                keys[row] = item["__key__"]
-                try:
-                    decoded = _decode(item, self.transform)
-                except Exception as exc:
-                    self.stats.skip(slot, f"{item['__key__']} in {item['__url__']}", exc)
-                    images.append(None)
-                    continue
-                images.append(decoded.image)
-                labels[row] = decoded.labels
+                keys[row], (image, labels, patient[row]) = item.key, decoded
+                batch.put(row, image, labels)
                 valid[row] = True
-                patient[row] = patient_code(decoded.meta.get("patient_id"))  # string IDs (CheXpert) hashed
-                pad = torch.zeros_like(decoded.image) if pad is None else pad
-            if any(image is None for image in images):
+                pad = torch.zeros_like(image) if pad is None else pad
+            if empty:
                 pad = self._pad() if pad is None else pad
-                images = [pad if image is None else image for image in images]
-            yield EvalBatch(collate_images(images, self.normalize), labels, valid, index, patient, keys)
+                for row in empty:
+                    batch.put(row, pad)
+            yield EvalBatch(batch.finish(), batch.labels, valid, index, patient, keys)
+
+    def _decode(self, item: Item, slot: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        try:
+            gray, labels, patient = item.read()
+            return self.transform(gray), labels, self.plan.shards.patient(item.shard, patient)
+        except Exception as exc:
+            self.stats.skip(slot, f"{item.key} in {item.url}", exc)
+            return None
 
 
 # ---------------------------------------------------------------- loaders
@@ -556,6 +449,25 @@ def _stages(transform: Transform, normalize_in_loader: bool) -> tuple[Transform,
     return per_image, None, normalize
 
 
+def _where(shard_dir: Any) -> str:
+    return " + ".join(source_list(shard_dir))
+
+
+def _weighting(manifest: dict, records: list[dict]) -> dict[str, Any]:
+    """The _TrainPlan fields of a weighted mixture: shards per source and each source's epoch share."""
+    described = manifest.get("mixture", {}).get("sources", [])
+    if not described or described[0].get("weight") is None:
+        return {}
+    sources: list[list[int]] = [[] for _ in described]
+    for i, record in enumerate(records):
+        sources[record["source"]].append(i)
+    sizes = [sum(records[i]["samples"] for i in own) for own in sources]
+    empty = [d["shards"] for d, n in zip(described, sizes) if n == 0]
+    if empty:
+        raise ChexdistError(f"{empty[0]}: a weighted source with no train samples; drop it from data.shards or repack it")
+    return {"sources": sources, "share": shares(sizes, [d["weight"] for d in described])}
+
+
 def _split_counts(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
@@ -578,6 +490,7 @@ def build_train_loader(
     multiprocessing_context: str | None = None,
     normalize_in_loader: bool = True,
     persistent_workers: bool = False,
+    shard_weights: list[float] | None = None,
 ) -> tuple[ShardLoader, int]:
     """The train loader of one rank: (loader, num_batches), num_batches equal on all ranks and epochs.
 
@@ -609,8 +522,8 @@ def build_train_loader(
     _check_args(batch_size, num_workers, world_size, rank)
     if seed < 0 or epoch < 0 or shuffle_buffer < 0 or max_batches < 0:
         raise ChexdistError(f"seed, epoch, shuffle_buffer and max_batches must be >= 0, got {seed}, {epoch}, {shuffle_buffer}, {max_batches}")
-    where = os.fspath(shard_dir)
-    manifest = manifest if manifest is not None else load_manifest(shard_dir)
+    where = _where(shard_dir)
+    manifest = manifest if manifest is not None else load_sources(shard_dir, shard_weights)
     records = [s for s in split_shards(manifest, "train", where) if s["samples"] > 0]
     total = sum(s["samples"] for s in records)
     if total == 0:
@@ -619,13 +532,14 @@ def build_train_loader(
     if max_batches:
         num_batches = min(num_batches, max_batches)
     plan = _TrainPlan(
-        shards=_shards(shard_dir, records),
+        shards=shards_of(shard_dir, manifest, records),
         batches=_split_counts(num_batches, max(1, num_workers)),
         batch_size=batch_size,
         shuffle_buffer=shuffle_buffer,
         seed=seed,
         rank=rank,
         num_batches=num_batches,
+        **_weighting(manifest, records),
     )
     stats = LoaderStats(num_workers)
     position = torch.zeros(2, dtype=torch.int64).share_memory_()
@@ -670,8 +584,8 @@ def build_eval_loader(
     :func:`build_train_loader`.
     """
     _check_args(batch_size, num_workers, world_size, rank)
-    where = os.fspath(shard_dir)
-    manifest = manifest if manifest is not None else load_manifest(shard_dir)
+    where = _where(shard_dir)
+    manifest = manifest if manifest is not None else load_sources(shard_dir)
     shards = split_shards(manifest, split, where)
     total = sum(s["samples"] for s in shards)
     sizes = _split_counts(total, world_size)
@@ -680,7 +594,7 @@ def build_eval_loader(
     bounds = np.cumsum([0] + _split_counts(num_batches, workers)).tolist()
     kept = [s for s in shards if s["samples"] > 0]
     plan = _EvalPlan(
-        shards=_shards(shard_dir, kept),
+        shards=shards_of(shard_dir, manifest, kept),
         rank_start=sum(sizes[:rank]),
         rank_samples=sizes[rank],
         batch_ranges=[(int(bounds[w]), int(bounds[w + 1])) for w in range(workers)],

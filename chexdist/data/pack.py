@@ -30,6 +30,7 @@ from chexdist.utils.progress import interactive
 from chexdist.data.packmanifest import build_manifest
 from chexdist.data.shardformat import MANIFEST, label_counts, sample_offsets
 from chexdist.data.splits import METHODS, SPLITS, assign_split, read_split_list
+from chexdist.data.shardindex import index_path, write_index
 
 FORMATS = ("png", "jpg")
 ERRORS = "errors.jsonl"
@@ -245,6 +246,7 @@ def _write_shard(out: Path, plan: ShardPlan, settings: PackSettings) -> dict:
         f.flush()
         os.fsync(f.fileno())
     offsets = sample_offsets(temp)
+    write_index(temp, index_path(final))
     os.replace(temp, final)
     record = {
         "name": plan.name,

@@ -41,18 +41,6 @@ def namespaced_patient(dataset: str, patient_id: Any) -> str:
     return f"{dataset}:{patient_id}"
 
 
-def patient_code(patient_id: Any) -> int:
-    """An int64 code of a sample's patient_id for eval tensors: the ID itself when it is an integer
-    (NIH), else a 63-bit hash of the string (CheXpert's 'patient00001'), -1 when absent."""
-    if patient_id is None:
-        return -1
-    if isinstance(patient_id, int):
-        return patient_id
-    import hashlib
-
-    return int.from_bytes(hashlib.blake2b(str(patient_id).encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
-
-
 def is_remote(source: str | os.PathLike) -> bool:
     """True for a shard location read as a stream (a URL or a `pipe:` command), False for a local path."""
     source = str(source)

@@ -38,7 +38,8 @@ from chexdist.evaluation.metrics import (
     tune_thresholds,
 )
 from chexdist.data.lineage import check_no_training_overlap
-from chexdist.data.shardformat import dataset_name, load_manifest, split_shards
+from chexdist.data.mixture import load_sources
+from chexdist.data.shardformat import dataset_name, split_shards
 
 METRICS = ("auc", "ap", "f1", "precision", "recall", "specificity")
 METRIC_NAMES = {"auc": "AUROC", "ap": "AP", "f1": "F1", "precision": "precision", "recall": "recall",
@@ -396,7 +397,7 @@ def evaluate_run(run: str | os.PathLike, split: str = "test", checkpoint: str | 
     shards = shards or loaded.config.data.shards
     if not shards:
         raise ChexdistError(f"{loaded.weights}: the run records no shard folder (an imported checkpoint); pass --shards DIR")
-    manifest = load_manifest(shards)
+    manifest = load_sources(shards)  # one folder, or the union a mixture run trained on
     split_shards(manifest, split, str(shards))
     if manifest["splits"][split]["samples"] == 0:
         raise ChexdistError(f"{shards}: the {split} split has no samples; pick another --split")
@@ -406,7 +407,7 @@ def evaluate_run(run: str | os.PathLike, split: str = "test", checkpoint: str | 
     out = Path(out) if out is not None else eval_dir(run, split, checkpoint)
     accelerator = accelerator or _accelerator()
     model = loaded.model.to(accelerator.device)
-    preds = predict_split(model, accelerator, str(shards), split, loaded.config, manifest,
+    preds = predict_split(model, accelerator, shards, split, loaded.config, manifest,
                           transform=loaded.transform, with_keys=True, progress=progress)
     if not accelerator.is_main_process:
         return None

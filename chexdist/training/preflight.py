@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from chexdist.config import Config, config_from_dict, config_to_dict, load_yaml
-from chexdist.data.shardformat import load_manifest, split_shards
+from chexdist.data.mixture import check_union_leakage, load_sources
+from chexdist.data.shardformat import split_shards
 from chexdist.errors import ChexdistError, SameOnAllRanks
 from chexdist.training.checkpoint import list_checkpoints, resolve_resume
 from chexdist.training.trackers import check_trackers
@@ -36,7 +37,8 @@ def preflight(config: Config, out: str | os.PathLike, resume: bool | str | None)
     if not config.data.shards:
         raise ChexdistError("config key 'data.shards' is empty; pass --shards DIR or --set data.shards=DIR")
     check_trackers(config.train.log_with)
-    manifest = load_manifest(config.data.shards)
+    manifest = load_sources(config.data.shards, config.data.shard_weights)
+    check_union_leakage(manifest)
     for split in ("train", "val"):
         if sum(entry["samples"] for entry in split_shards(manifest, split, str(config.data.shards))) == 0:
             raise ChexdistError(f"{config.data.shards}: the {split} split is empty; repack with a {split} split")
