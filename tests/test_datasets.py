@@ -227,7 +227,7 @@ def test_missing_images_summarised_by_folder(layouts, tmp_path):
     done = run_cli("pack", "--dataset", "chexpert", "--root", str(copy), "--out", str(out), "--size", "32", "--workers", "1", "--quiet")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["missing"]["rows"] == n and manifest["missing"]["by_folder"] == {"train/": n}
-    assert f"{n} within the file-name range of train/" in done.stdout
+    assert f"have no image file under {copy}: {n} under train/" in done.stdout
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert len(errors) == n and all(e["image"].startswith(f"train/{removed.name}/") for e in errors)
 

@@ -100,7 +100,8 @@ def _print_pack_summary(args: argparse.Namespace, manifest: dict) -> None:
         rows = manifest["source"]["rows"]
         by_folder = dict(missing["by_folder"])
         outside = by_folder.pop("(no folder)", 0)
-        where = [f"{n:,} within the file-name range of {folder}" for folder, n in by_folder.items()]
+        nih = manifest.get("dataset", "nih") == "nih"  # NIH's folders are file-name ranges (see nih.missing_by_folder)
+        where = [f"{n:,} {'within the file-name range of' if nih else 'under'} {folder}" for folder, n in by_folder.items()]
         where += [f"{outside:,} outside every image folder's range"] if outside else []
         print(f"{missing['rows']:,} of {rows:,} rows of {manifest['source']['csv']} ({missing['rows'] / rows:.1%}) "
               f"have no image file under {args.nih_root}: {'; '.join(where)}")
