@@ -216,7 +216,7 @@ def encode_sample(task: tuple) -> tuple[bytes | None, str | None, list[float] | 
     except ImageDecodeError as exc:
         return None, _hide(f"undecodable: {exc}", path, name), None
     except OSError as exc:
-        return None, _hide(f"unreadable: {exc.strerror if name else exc}", path, name), None
+        return None, _hide(f"unreadable: {(exc.strerror or type(exc).__name__) if name else exc}", path, name), None
 
 
 def _hide(reason: str, path: str, name: str | None) -> str:
