@@ -2,10 +2,11 @@
 
 The label files have one row per radiologist per image (`image_id`, `rad_id`, then one 0/1 column
 per finding; the test file holds the readers' consensus); an image is positive for a finding when
-ANY of its rows marks it, and No Finding only when every row says so. Column names as used by
-public readers of the PhysioNet release, e.g. github.com/vinbigdata-medical (README) and code that
-reads `annotations/image_labels_train.csv` with the columns "Aortic enlargement" ... "No finding"
-(Nodule/Mass, Pleural effusion, Pulmonary fibrosis, ...); `rad_id` is not required.
+ANY of its rows marks it, and No Finding only when every row says so. The column names are those
+that public code reading the PhysioNet 1.0.0 release's `annotations/image_labels_train.csv` uses
+("Aortic enlargement", "Atelectasis", ..., "Nodule/Mass", "Pleural effusion", "Pleural
+thickening", "Pneumothorax", "Pulmonary fibrosis", ..., "No finding"; the test file spells
+"Other disease" without the s); the real files were not available to check. `rad_id` is not required.
 
 11 of VinDr's findings are NIH findings (table below and in docs/data.md). Its combined
 "Nodule/Mass" cannot say which of the two an image has, so Mass and Nodule stay unknown; Hernia
