@@ -4,6 +4,8 @@ UID; bad files listed and counted; predict on a DICOM equals predict on its rend
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import os
 import shutil
@@ -19,6 +21,7 @@ import pytest
 from PIL import Image
 
 from chexdist.data import phi
+from chexdist.data.datasets.dicom import DATASET
 from chexdist.data.images import load_gray8
 from chexdist.data.pack import PackSettings, pack_dataset
 from chexdist.data.verify import verify_shards
@@ -132,22 +135,35 @@ def test_labels_by_sop_instance_uid_with_a_labels_column_and_a_patient_column(ex
 
 
 def test_bad_files_are_listed_and_counted_and_packing_goes_on(export, tmp_path):
+    """Under the default --views PA,AP: files whose header does not even parse (no view) still
+    reach decoding, so each is listed with its reason; errors are counted by DICOM kind; and
+    errors.jsonl names failed files by pseudonym only, even inside a PHI-named folder."""
     root, secrets, rows = export
     export_copy = tmp_path / "export"
     shutil.copytree(root / "export", export_copy)
-    good = export_copy / rows[0]["file"]
+    good = (export_copy / rows[0]["file"]).read_bytes()
     (export_copy / "cut").mkdir()
-    (export_copy / "cut" / "IM_truncated").write_bytes(good.read_bytes()[:-1500])
+    (export_copy / "cut" / "IM_truncated").write_bytes(good[:-1500])
     shutil.copy(wheel_file("rtplan.dcm"), export_copy / "cut" / "plan")
     (export_copy / "cut" / "notes.dcm").write_text("this is not a DICOM file")
-    extra = [{"file": f"cut/{name}", **{label: 0 for label in LABELS}} for name in ("IM_truncated", "plan", "notes.dcm")]
+    bad_folder = "MRN7349999_DOEFAMILY^BADCASE"
+    (export_copy / bad_folder).mkdir()
+    (export_copy / bad_folder / "IM_cut").write_bytes(good[:-1500])
+    (export_copy / bad_folder / "IM_header_cut").write_bytes(good[:200])  # DICM magic, the header cut before ViewPosition: no view
+    (export_copy / bad_folder / "scan.dcm").write_text("not a DICOM file either")
+    names = ["cut/IM_truncated", "cut/plan", "cut/notes.dcm"] + [f"{bad_folder}/{n}" for n in ("IM_cut", "IM_header_cut", "scan.dcm")]
+    extra = [{"file": name, **{label: 0 for label in LABELS}} for name in names]
     pd.DataFrame(rows + extra).to_csv(tmp_path / "labels.csv", index=False)
     options = dicom_options(root, labels=str(tmp_path / "labels.csv"))
-    manifest = pack_dataset(export_copy, tmp_path / "shards", PackSettings(dataset="dicom", dataset_options=options, size=32, views=None), progress=False)
-    errors = [json.loads(line) for line in (tmp_path / "shards" / "errors.jsonl").read_text().splitlines()]
-    reasons = sorted(e["reason"].split("cannot decode image: ")[1].split(":")[0] for e in errors)
-    assert reasons == ["DICOM no pixel data", "DICOM not dicom", "DICOM truncated"]
-    assert manifest["errors"] == 3 and sum(s["samples"] for s in manifest["splits"].values()) == len(rows)
+    out = tmp_path / "shards"
+    manifest = pack_dataset(export_copy, out, PackSettings(dataset="dicom", dataset_options=options, size=32), progress=False)
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert sorted(e["image"] for e in errors) == sorted(phi.pseudonymous_path(b"0123456789abcdef0123456789abcdef", n) for n in names)
+    assert all(e["path"] is None for e in errors)
+    assert manifest["errors"] == 6 and manifest["left_out"] == {}
+    assert manifest["error_reasons"] == {"DICOM truncated": 2, "DICOM no pixel data": 2, "DICOM not dicom": 2}
+    assert sum(s["samples"] for s in manifest["splits"].values()) == len(rows)
+    assert_no_phi([out], secrets + [bad_folder, "MRN7349999", "BADCASE", str(export_copy)])
 
 
 def test_a_folder_without_images_is_refused_in_one_line(export, tmp_path):
@@ -163,6 +179,39 @@ def test_a_folder_without_images_is_refused_in_one_line(export, tmp_path):
     with pytest.raises(ChexdistError, match=r"none of the 2 DICOM files yields an image \(1 no pixel data, 1 photometric\)"):
         pack_dataset(empty, tmp_path / "b", settings, progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_dicom_window_none_packs_the_full_stored_range(export, tmp_path):
+    """--dicom-window none reaches the renderer: pixels differ from the default window and equal
+    the full-range formula (MONOCHROME1, 12 bits, rescale 0.5/10: 0..4095 -> white..black)."""
+    root, _, rows = export
+
+    def pack(window):
+        out = tmp_path / window
+        manifest = pack_dataset(root / "export", out, PackSettings(dataset="dicom", size=0, views=None,
+                                dataset_options=dicom_options(root, keep_paths=True, dicom_window=window)), progress=False)
+        images = {}
+        for tar_path in sorted(out.glob("*.tar")):
+            with tarfile.open(tar_path) as tar:
+                members = {m.name: m for m in tar}
+                for name, m in members.items():
+                    if name.endswith(".json"):
+                        meta = json.loads(tar.extractfile(m).read())
+                        png = tar.extractfile(members[name[:-5] + ".png"]).read()
+                        images[meta["image"]] = np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+        return manifest, images
+
+    args = argparse.Namespace(labels=str(root / "labels.csv"), id_key_file=str(root / "key"), out=str(tmp_path / "x"), keep_paths=True, dicom_window="none")
+    assert DATASET.options(args)["dicom_window"] == "none"  # the CLI option is no longer refused
+    auto_manifest, auto = pack(auto_window := "auto")
+    none_manifest, full = pack("none")
+    assert auto_manifest["image"]["dicom_window"] == auto_window and none_manifest["image"]["dicom_window"] == "none"
+    assert set(full) == set(auto) == {r["file"] for r in rows}
+    for name, pixels in full.items():
+        stored = pydicom.dcmread(root / "export" / name).pixel_array.astype(float)
+        expected = 255 - np.rint((stored * 0.5 + 10 - 10) / (4095 * 0.5) * 255)
+        assert np.abs(pixels - expected).max() <= 1, name
+        assert np.abs(pixels - auto[name]).max() > 10, name
 
 
 def test_keep_paths_records_the_export_paths_and_verify_reports_them(export, tmp_path):

@@ -53,7 +53,8 @@ class DicomError(ImageDecodeError):
 
     def __init__(self, path: str, kind: str, reason: str):
         self.kind = kind
-        super().__init__(path, f"DICOM {kind.replace('_', ' ')}: {redact(reason)}")
+        self.label = f"DICOM {kind.replace('_', ' ')}"  # what pack's error_reasons count it under
+        super().__init__(path, f"{self.label}: {redact(reason)}")
 
 
 def is_dicom(src: ImageSource) -> bool:

@@ -22,6 +22,7 @@ import pandas as pd
 
 from chexdist.errors import ChexdistError
 from chexdist.utils.fileio import atomic_write_json, atomic_write_jsonl, dumps_json, sha256_file
+from chexdist.data.dicom import DicomError
 from chexdist.data.images import ImageDecodeError, encode, image_statistics, load_gray8, resize_shorter
 from chexdist.labels import LABELS
 from chexdist.data.datasets import get_dataset
@@ -190,7 +191,7 @@ def plan_shards(release: DatasetTable, settings: PackSettings) -> tuple[list[Sha
         part = packable[packable["split"] == name]
         part = part.iloc[rng.permutation(len(part))]
         rows = [
-            {"path": r["path"], "key": r["key"], "meta": _sample_meta(r, name)}
+            {"path": r["path"], "key": r["key"], "meta": _sample_meta(r, name), "private": release.private_paths}
             for _, r in part.iterrows()
         ]
         for index, start in enumerate(range(0, len(rows), settings.shard_size)):
@@ -198,20 +199,30 @@ def plan_shards(release: DatasetTable, settings: PackSettings) -> tuple[list[Sha
     return plans, missing
 
 
-def encode_sample(task: tuple[str, int, str, int]) -> tuple[bytes | None, str | None, list[float] | None]:
+def encode_sample(task: tuple) -> tuple[bytes | None, str | None, list[float] | None]:
     """Worker-process stage: read, convert to 8-bit gray, resize, encode. Returns (bytes, error,
-    input statistics); the statistics let `chexdist predict` flag inputs unlike the training data."""
-    path, size, fmt, quality = task
+    input statistics); the statistics let `chexdist predict` flag inputs unlike the training data.
+
+    `task` is (path, size, format, quality, name, dicom_window): when `name` is given (the
+    pseudonymised image name of a dataset whose paths are private) errors name the file by it."""
+    path, size, fmt, quality, name, window = task
     try:
-        original = load_gray8(path)
+        original = load_gray8(path, name=name, dicom_window=window)
         image = resize_shorter(original, size) if size else original
         return encode(image, fmt, quality), None, image_statistics(original.shape, image)
     except FileNotFoundError:
         return None, "missing: file not found", None
+    except DicomError as exc:  # counted by its kind ("DICOM truncated", ...), not as one "undecodable"
+        return None, _hide(f"{exc.label}: {exc}", path, name), None
     except ImageDecodeError as exc:
-        return None, f"undecodable: {exc}", None
+        return None, _hide(f"undecodable: {exc}", path, name), None
     except OSError as exc:
-        return None, f"unreadable: {exc}", None
+        return None, _hide(f"unreadable: {(exc.strerror or type(exc).__name__) if name else exc}", path, name), None
+
+
+def _hide(reason: str, path: str, name: str | None) -> str:
+    """A reason with the file's path replaced by its name (a decoder may quote the path it opened)."""
+    return reason.replace(os.fspath(path), name) if name else reason
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -234,10 +245,13 @@ def _write_shard(out: Path, plan: ShardPlan, settings: PackSettings) -> dict:
     metas, errors, stats = [], [], []
     with open(temp, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            window = settings.dataset_options.get("dicom_window", "auto")
             for row in plan.rows:
-                data, error, image_stats = encode_sample((row["path"], settings.size, settings.format, settings.quality))
+                private = row.get("private", False)
+                name = row["meta"]["image"] if private else None
+                data, error, image_stats = encode_sample((row["path"], settings.size, settings.format, settings.quality, name, window))
                 if error is not None:
-                    errors.append({"image": row["meta"]["image"], "path": row["path"], "split": plan.split, "reason": error})
+                    errors.append({"image": row["meta"]["image"], "path": None if private else row["path"], "split": plan.split, "reason": error})
                     continue
                 _tar_add(tar, f"{row['key']}.json", dumps_json(row["meta"], sort_keys=True).encode())
                 _tar_add(tar, f"{row['key']}.{settings.format}", data)

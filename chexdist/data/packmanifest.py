@@ -79,6 +79,7 @@ def build_manifest(release, settings, source_sha: str, records: list[dict], erro
             "format": settings.format,
             "quality": settings.quality if settings.format == "jpg" else None,
             "mode": "L",
+            **({"dicom_window": settings.dataset_options["dicom_window"]} if "dicom_window" in settings.dataset_options else {}),
             "stats": {name: _split_statistics(records, name) for name in SPLITS},
         },
         "split": {

@@ -70,6 +70,7 @@ class DatasetTable:
     missing_by_folder: dict[str, int] = field(default_factory=dict)  # folder -> rows with path None
     folder_depth: int = 2  # else pack counts missing rows by the first `folder_depth` folders of `image`
     patients: str = "patient IDs from the source"  # how patient_id was derived (VinDr: one per image)
+    private_paths: bool = False  # paths may carry PHI: errors.jsonl names files by `image` only
 
     @property
     def main_source(self) -> str:

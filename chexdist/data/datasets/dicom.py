@@ -121,8 +121,6 @@ class DicomDataset(Dataset):
     def options(self, args: argparse.Namespace) -> dict:
         if not getattr(args, "labels", None):
             raise ChexdistError("--dataset dicom needs --labels CSV (a 'file' or 'sop_instance_uid' column and the findings)")
-        if args.dicom_window != "auto":  # pack.encode_sample does not pass the window to load_gray8 yet
-            raise ChexdistError(f"--dicom-window {args.dicom_window}: pack does not apply it yet; pack with the default (auto)")
         key_file, where = key_source(getattr(args, "id_key_file", None), args.out)
         print(f"chexdist pack: patient IDs and paths are pseudonymised with the key in {where}", file=sys.stderr)
         return {"labels": os.path.abspath(args.labels), "id_key_file": key_file, "key_check": key_check(read_key(key_file)),
@@ -153,6 +151,7 @@ class DicomDataset(Dataset):
             name=self.name, root=root, rows=frame, sources={labels_path.name: sha256_file(labels_path)}, known=known,
             mapping={label: label for label in known}, left_out={k: v for k, v in left_out.items() if v},
             patients="pseudonymised PatientID (HMAC-SHA256)" if "patient" not in table.columns else "pseudonymised 'patient' column (HMAC-SHA256)",
+            private_paths=not options.get("keep_paths"),
         )
 
     @staticmethod
