@@ -15,6 +15,7 @@ server's log). Bodies over the cap are refused from their Content-Length before 
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from contextlib import asynccontextmanager
@@ -154,5 +155,16 @@ def serve(run: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, 
     print(f"chexdist app: http://{'[' + host + ']' if ':' in host else host}:{port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=host, port=port, log_level="info" if access_log else "warning",
                             access_log=access_log, lifespan="on", timeout_graceful_shutdown=10)
-    uvicorn.Server(config).run()
+    previous = signal.signal(signal.SIGTERM, _stopped)  # uvicorn re-raises the signal it drained on
+    try:
+        uvicorn.Server(config).run()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _stopped(_signum, _frame):
+    """SIGTERM after uvicorn's graceful shutdown: a normal stop, exit code 0."""
+    raise SystemExit(0)
