@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,8 @@ async def receive_upload(request, folder: Path, limit: int) -> Upload:
                 raise too_large(limit)
             parser.write(chunk)
         parser.finalize()
+    except UploadError:
+        raise
     except (FormParserError, ValueError) as exc:
         raise UploadError(400, f"malformed multipart body ({exc})") from None
     finally:
@@ -128,8 +131,10 @@ def pixel_count(path: Path, kind: str) -> int:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            return int(im.size[0]) * int(im.size[1])
+        with warnings.catch_warnings():  # over the cap is refused below; Pillow's warning adds nothing
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return int(im.size[0]) * int(im.size[1])
     except Image.DecompressionBombError:
         raise UploadError(422, "image refused: its header declares more pixels than a decompression-bomb guard allows") from None
     except (OSError, SyntaxError, ValueError):  # the message names the server's temp path: not passed on
