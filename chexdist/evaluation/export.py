@@ -32,6 +32,13 @@ def info_name(fmt: str) -> str:
     return FILES[fmt] + ".json"
 
 
+def _shorter_side(size: Any) -> Any:
+    """torchvision keeps Resize(144) as [144]: the shorter side; (h, w) stays a pair."""
+    if isinstance(size, int):
+        return size
+    return int(size[0]) if len(size) == 1 else [int(v) for v in size]
+
+
 def preprocessing(loaded: Any) -> dict[str, Any]:
     """How a file becomes the model's float input, as `chexdist.evaluation.inputs` does it."""
     from chexdist.evaluation.inputs import InputPipeline
@@ -42,7 +49,7 @@ def preprocessing(loaded: Any) -> dict[str, Any]:
         "decode": "8-bit grayscale (chexdist.data.images.load_gray8)",
         "pack_resize_shorter": pipeline.size or None,
         "pack_format": pipeline.format,
-        "resize_shorter": pipeline.resize.size if isinstance(pipeline.resize.size, int) else list(pipeline.resize.size),
+        "resize_shorter": _shorter_side(pipeline.resize.size),
         "center_crop": list(pipeline.center.size),
         "channels": "gray replicated to 3",
         "scale": "x / 255",
