@@ -116,7 +116,7 @@ def create_app(run: str | os.PathLike, *, max_upload_mb: float = 50, workers: in
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "arch": service.card["arch"], "workers": service.workers}
+        return {"status": "ok", "arch": service.card["arch"], "workers": service.workers, "model_hooks": service.hook_count()}
 
     @app.get("/api/card")
     async def card():

@@ -49,6 +49,7 @@ class ModelService:
         self._local = threading.local()
         self._claim = threading.Lock()
         self._claimed = False
+        self._models: list[torch.nn.Module] = [self.loaded.model]
         self._admission = threading.BoundedSemaphore(workers + queue)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chexdist-infer")
 
@@ -60,6 +61,7 @@ class ModelService:
                 first, self._claimed = not self._claimed, True
             mine = self.loaded if first else dataclasses.replace(self.loaded, model=copy.deepcopy(self.loaded.model))
             self._local.run = mine
+            self._models.append(mine.model)
         return mine
 
     async def submit(self, fn, *args) -> Any:
@@ -110,6 +112,12 @@ class ModelService:
             "no_evidence": [{"finding": f, "message": NO_EVIDENCE} for f in record["cam_empty"]],
             "positive": record["positive"],
         }
+
+    def hook_count(self) -> int:
+        """Hooks on the workers' models: 0 between requests (Grad-CAM's are released after each call);
+        /healthz reports it, so a leak shows without a profiler."""
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                   for model in list(self._models) for m in model.modules())
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

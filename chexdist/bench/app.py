@@ -5,7 +5,7 @@ Load: `clients` threads x `requests` each, every client on its own keep-alive co
 p50/p95/p99 latency, throughput and errors (any non-200). Memory: the server's RSS and peak RSS
 (VmHWM) after the load, then after `memory_requests` more requests; RSS must not grow with the
 request count (the Grad-CAM hook leak this guards against grows it by the activations of every
-request). Finally SIGTERM, and the server must exit 0 (clean shutdown). Everything is bounded: a
+request; the server's /healthz also counts the hooks left on the model, which must be 0). Finally SIGTERM, and the server must exit 0 (clean shutdown). Everything is bounded: a
 request times out after `timeout_s`, the server start after `start_timeout_s`.
 """
 
@@ -89,6 +89,15 @@ def running_app(run: str | os.PathLike, *, port: int | None = None, workers: int
         Path(log.name).unlink(missing_ok=True)
 
 
+def health(port: int) -> dict[str, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/healthz")
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
 def healthy(port: int) -> bool:
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
@@ -170,11 +179,13 @@ def app_suite(run: str | None = None, images: str | None = None, clients: int = 
         before = server_memory(proc.pid)
         memory = load(port, bodies, min(4, clients), max(1, memory_requests // min(4, clients)), timeout_s) if memory_requests else None
         after = server_memory(proc.pid)
+        hooks = health(port).get("model_hooks")
     result.update({
         "rss_mb_before": before["rss_mb"], "peak_rss_mb_before": before["peak_rss_mb"],
         "memory_requests": memory["requests"] if memory else 0, "memory_errors": memory["errors"] if memory else 0,
         "rss_mb_after": after["rss_mb"], "peak_rss_mb_after": after["peak_rss_mb"],
         "rss_growth_mb": after["rss_mb"] - before["rss_mb"],
+        "model_hooks_after": hooks,
         "shutdown_exit_code": proc.returncode,
     })
     yield result
