@@ -140,15 +140,20 @@ def test_cam_cli_overlays_and_localization_report(trained_run, eval_shards, tmp_
     assert cli.main(["cam", "--run", str(trained_run), *map(str, images), "--out", str(out), "--quiet"]) == 0
     from chexdist.evaluation.predict import predict_files
 
-    expected = {f"{r['image'].rsplit('/', 1)[1][:-4]}_{f}.png" for r in predict_files(trained_run, images, progress=False).records
-                for f in r["positive"]}
+    reference = predict_files(trained_run, images, progress=False, cam_dir=tmp_path / "ref").records
+    expected = {p.rsplit("/", 1)[1] for r in reference for p in r["cam"]}
+    for r in reference:  # every positive finding is drawn, or reported as having no evidence
+        assert sorted(r["positive"]) == sorted([p.rsplit("_", 1)[1][:-4] for p in r["cam"]] + r["cam_empty"])
     assert {p.name for p in out.iterdir()} == expected and expected
+    printed = capsys.readouterr().out
+    assert all(f"{f}: no positive evidence at the target layer" in printed for r in reference for f in r["cam_empty"])
     overlay = Image.open(next(out.iterdir()))
     assert overlay.mode == "RGB" and overlay.size == (128, 128)
 
     forced = tmp_path / "forced"
     assert cli.main(["cam", "--run", str(trained_run), *map(str, images), "--out", str(forced), "--finding", "Infiltrate", "--quiet"]) == 0
-    assert sorted(p.name for p in forced.iterdir()) == sorted(f"{p.stem}_Infiltration.png" for p in images)
+    drawn = predict_files(trained_run, images, progress=False, cam_dir=tmp_path / "ref2", cam_finding="Infiltration").records
+    assert sorted(p.name for p in forced.iterdir()) == sorted(p.rsplit("/", 1)[1] for r in drawn for p in r["cam"])
 
     loc = tmp_path / "loc"
     code = cli.main(["cam", "--run", str(trained_run), str(nih / "images_001" / "images"), "--out", str(loc),

@@ -47,12 +47,13 @@ def test_every_command_comes_from_its_stage_module():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert list(sub.choices) == ["synth", "pack", "shards", "train", "config", "bench", "tune", "demo", "predict", "cam",
-                                 "evaluate", "import-checkpoint"]
+                                 "evaluate", "import-checkpoint", "app", "export"]
     owners = {name: p.get_default("func").__module__ for name, p in sub.choices.items() if p.get_default("func")}
     assert owners == {"synth": "chexdist.cli.prepare", "pack": "chexdist.cli.prepare", "train": "chexdist.cli.training",
                       "bench": "chexdist.cli.bench", "tune": "chexdist.cli.tuning", "demo": "chexdist.cli.training",
                       "predict": "chexdist.cli.evaluation", "cam": "chexdist.cli.evaluation",
-                      "evaluate": "chexdist.cli.evaluation", "import-checkpoint": "chexdist.cli.evaluation"}
+                      "evaluate": "chexdist.cli.evaluation", "import-checkpoint": "chexdist.cli.evaluation",
+                      "app": "chexdist.cli.app", "export": "chexdist.cli.export"}
 
 
 def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys):

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from chexdist.bench.app import app_suite
 from chexdist.bench.loader import loader_suite
 from chexdist.bench.loop import train_suite
 from chexdist.bench.packing import pack_suite
@@ -22,7 +23,7 @@ from chexdist.utils.fileio import dumps_json
 
 SUITES: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {
     "loader": loader_suite, "pack": pack_suite, "train": train_suite, "resume": resume_suite, "reads": reads_suite,
-    "tune": tune_suite,
+    "tune": tune_suite, "app": app_suite,
 }
 
 

@@ -19,6 +19,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.suite == "resume":
         options = dict(images=args.images, count=args.count or 512, workers=args.workers, batch_size=args.batch_size or 32,
                        size=args.size, repeats=args.repeats or 2)
+    elif args.suite == "app":
+        options = dict(run=args.run, images=args.images, clients=args.clients, requests=args.requests,
+                       memory_requests=args.memory_requests, count=args.count or 16, workers=args.app_workers)
     elif args.suite == "reads":
         options = dict(ranks=args.ranks, workers=args.workers, shards=args.num_shards, count=args.count or 1600)
     else:
@@ -32,8 +35,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `bench` to the `chexdist` subcommands."""
     p = sub.add_parser("bench", help="performance suites; one JSON line per result, ratios measured in one run")
-    p.add_argument("suite", choices=("loader", "pack", "train", "resume", "reads", "tune"))
-    p.add_argument("--images", help="loader/pack/resume: folder of real PNGs (cycled to --count)")
+    p.add_argument("suite", choices=("loader", "pack", "train", "resume", "reads", "tune", "app"))
+    p.add_argument("--images", help="loader/pack/resume/app: folder of real PNGs (cycled to --count)")
     p.add_argument("--count", type=int, default=0, help="images to use (loader 1024, pack 64, resume 512, reads 1600)")
     p.add_argument("--workers", type=int, default=2, help="loader/resume/reads: DataLoader workers per rank; pack: processes vs 1")
     p.add_argument("--ranks", type=int, default=8, help="reads: simulated ranks")
@@ -50,4 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"), help="train: autocast dtype")
     p.add_argument("--shards", default=None, help="tune: shard folder (default: synthetic shards made for the run)")
     p.add_argument("--epochs", type=int, default=2, help="tune: epochs per run (--steps caps batches per epoch)")
+    p.add_argument("--run", default=None, help="app: run folder the server loads")
+    p.add_argument("--clients", type=int, default=32, help="app: concurrent clients")
+    p.add_argument("--requests", type=int, default=4, help="app: requests per client (predict and cam alternate)")
+    p.add_argument("--memory-requests", type=int, default=500, help="app: requests between the two RSS readings")
+    p.add_argument("--app-workers", type=int, default=1, help="app: the server's inference threads")
     p.set_defaults(func=cmd_bench)

@@ -43,7 +43,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from chexdist.evaluation.predict import predict_files, write_records
 
     result = predict_files(args.run, args.inputs, batch_size=args.batch_size, cam_dir=args.cam, cam_finding=args.finding,
-                           progress=not args.quiet)
+                           progress=not args.quiet, backend=args.backend, onnx_model=args.onnx)
     write_records(result, args.format, args.out)
     _warn_inputs(result)
     if args.out:
@@ -65,14 +65,17 @@ def cmd_cam(args: argparse.Namespace) -> int:
         print(format_localization(report))
         print(f"report: {write_localization(report, args.out)}")
         return _report_failures(report["failures"], processed=_localized(report))
+    from chexdist.evaluation.cam import NO_EVIDENCE
     from chexdist.evaluation.predict import predict_files
 
     result = predict_files(args.run, args.inputs, batch_size=args.batch_size, cam_dir=args.out, cam_finding=args.finding,
                            progress=not args.quiet)
     _warn_inputs(result)
     for record in result.records:
-        if not record["cam"]:
+        if not record["cam"] and not record["cam_empty"]:
             print(f"{record['image']}: no finding at or above its threshold (use --finding NAME to force one)")
+        for finding in record["cam_empty"]:
+            print(f"{record['image']}: {finding}: {NO_EVIDENCE} (no overlay written)")
         for path in record["cam"]:
             print(f"{record['image']}: {path}")
     if result.records:
@@ -169,6 +172,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cam", metavar="DIR", help="also write Grad-CAM overlays of the positive findings to DIR")
     p.add_argument("--finding", help="with --cam: overlay this finding for every image instead")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--backend", default="torch", choices=("torch", "onnx"),
+                   help="onnx: run the model chexdist export wrote in onnxruntime (no Grad-CAM)")
+    p.add_argument("--onnx", default=None, metavar="FILE", help="--backend onnx: the model file (default RUN/export/model.onnx)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
     _register_cam(sub)

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from chexdist import __version__
-from chexdist.cli import bench, evaluation, prepare, training, tuning
+from chexdist.cli import app, bench, evaluation, export, prepare, training, tuning
 from chexdist.errors import EXIT_INTERRUPTED, ChexdistError
 from chexdist.training.launcher import process_group_released
 
@@ -24,11 +24,14 @@ DESCRIPTION = (
 
 # Top-level package of an optional dependency -> the pyproject extra that installs it (scipy is in
 # both [cam] and [bca]; `evaluate --ci bca` names the smaller one).
-EXTRAS = {"ray": "tune", "optuna": "tune", "pytorch_grad_cam": "cam", "scipy": "cam"}
+EXTRAS = {"ray": "tune", "optuna": "tune", "pytorch_grad_cam": "cam", "scipy": "cam", "fastapi": "app", "uvicorn": "app",
+          "python_multipart": "app", "onnx": "export", "onnxruntime": "export", "onnxscript": "export"}
 
 # In this order `chexdist --help` lists the commands.
 REGISTER = (prepare.register, training.register, bench.register, tuning.register, training.register_demo,
-            evaluation.register)
+            evaluation.register,
+            app.register,
+            export.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

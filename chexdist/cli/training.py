@@ -90,6 +90,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _print_demo_table(info)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s: best epoch {info['epoch']}, "
           f"run folder {out / 'run'}")
+    print(f"next: look at its predictions in your browser (needs the [app] extra):\n  chexdist app --run {out / 'run'}")
     return 0
 
 

@@ -8,7 +8,8 @@ block's `norm1`: its classifier reads only the class token of the block's output
 patch tokens get no gradient).
 Maps stay at the feature grid's resolution, min-max scaled to [0, 1]; the pointing game's peak is the
 centre of the strongest grid cell (the map holds nothing finer), and overlays and the IoU box use the
-bilinear upsampling to the input crop. Scores are computed in the model's input crop: boxes are
+bilinear upsampling to the input crop, scaled to [0, 1] again. An all-zero map is reported as
+`NO_EVIDENCE`, never drawn as a uniform tint. Scores are computed in the model's input crop: boxes are
 mapped there through the same resize and crop as the image, clipped to it, and a box the crop
 removes entirely is counted (``boxes_outside_crop``) and left out of the rates.
 """
@@ -93,18 +94,22 @@ class GradCam:
             model = _PooledDenseNet(model).eval()
             self.layer, self.layer_name = model.relu, "relu(features)"
         tokens = hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")
-        self._cam = FeatureGridGradCAM(model, [self.layer], reshape_transform=_TokenGrid(model) if tokens else None)
+        self._wrapped, self._cam_class = model, FeatureGridGradCAM
+        self._reshape = _TokenGrid(model) if tokens else None
 
     def __call__(self, inputs: torch.Tensor, classes: Iterable[int]) -> tuple[np.ndarray, torch.Tensor]:
+        """The CAM object lives for one call, as a context manager: its hooks are on the model only
+        while it runs, so a long-running server calling this again and again holds none between calls."""
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         targets = [ClassifierOutputTarget(int(c)) for c in classes]
-        with torch.enable_grad():
-            maps = self._cam(input_tensor=inputs, targets=targets)
-        return np.asarray(maps, dtype=np.float32), self._cam.outputs.detach().float().cpu()
+        with self._cam_class(self._wrapped, [self.layer], reshape_transform=self._reshape) as cam, torch.enable_grad():
+            maps = cam(input_tensor=inputs, targets=targets)
+            logits = cam.outputs.detach().float().cpu()
+        return np.asarray(maps, dtype=np.float32), logits
 
     def close(self) -> None:
-        self._cam.activations_and_grads.release()
+        """Nothing to release: each call's hooks are gone when it returns (kept for `with GradCam(...)`)."""
 
     def __enter__(self) -> GradCam:
         return self
@@ -113,10 +118,24 @@ class GradCam:
         self.close()
 
 
+NO_EVIDENCE = "no positive evidence at the target layer"
+
+
+def is_empty(grid_map: np.ndarray) -> bool:
+    """An all-zero map: Grad-CAM's ReLU removed everything (with global pooling and a linear head,
+    whenever the logit sits below the bias); there is nothing to draw."""
+    return not grid_map.size or float(np.max(grid_map)) <= 0.0
+
+
 def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Feature-grid maps [B,h,w] -> [B,H,W] by bilinear interpolation (pixel centres aligned)."""
+    """Feature-grid maps [B,h,w] -> [B,H,W] by bilinear interpolation (pixel centres aligned), each
+    min-max scaled to [0, 1] again: interpolation between cell centres leaves the peak below 1 and
+    the floor above 0. All-zero maps stay zero."""
     t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[:, 0].numpy()
+    up = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[:, 0].numpy()
+    lo = up.min(axis=(1, 2), keepdims=True)
+    span = up.max(axis=(1, 2), keepdims=True) - lo
+    return np.where(span > 0, (up - lo) / np.where(span > 0, span, 1.0), 0.0).astype(np.float32)
 
 
 def peak_point(grid_map: np.ndarray, size: tuple[int, int]) -> tuple[float, float] | None:
@@ -160,8 +179,12 @@ def overlay_png(crop: np.ndarray, heat: np.ndarray, boxes: Iterable[tuple[tuple[
     from PIL import Image, ImageDraw
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    rgb = np.repeat(crop[..., None], 3, axis=2).astype(np.float32) / 255.0
-    image = Image.fromarray(show_cam_on_image(rgb, np.clip(heat, 0.0, 1.0), use_rgb=True, image_weight=0.6))
+    gray = np.repeat(crop[..., None], 3, axis=2)
+    if is_empty(heat):  # no evidence: the plain crop, not a uniformly tinted one
+        image = Image.fromarray(gray.astype(np.uint8))
+    else:
+        rgb = gray.astype(np.float32) / 255.0
+        image = Image.fromarray(show_cam_on_image(rgb, np.clip(heat, 0.0, 1.0), use_rgb=True, image_weight=0.6))
     draw = ImageDraw.Draw(image)
     for box, colour in boxes:
         draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=colour)
@@ -183,15 +206,19 @@ def check_unique_names(files: list[Path]) -> None:
         seen[f.stem] = f
 
 
-def write_overlays(explainer: GradCam, items: list[tuple[Prepared, int]], out_dir: Path, batch_size: int) -> list[Path]:
-    """Grad-CAM of (image, finding index) pairs written as `<stem>_<finding>.png` under out_dir."""
-    written = []
+def write_overlays(explainer: GradCam, items: list[tuple[Prepared, int]], out_dir: Path, batch_size: int) -> list[Path | None]:
+    """Grad-CAM of (image, finding index) pairs written as `<stem>_<finding>.png` under out_dir; None
+    (and no file) for a pair whose map is all zero (`NO_EVIDENCE`)."""
+    written: list[Path | None] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         device = next(explainer.model.parameters()).device
         maps, _ = explainer(torch.stack([p.input for p, _ in chunk]).to(device), [c for _, c in chunk])
         heat = upsample(maps, chunk[0][0].crop.shape)
-        for (prepared, cls), h in zip(chunk, heat):
+        for (prepared, cls), grid, h in zip(chunk, maps, heat):
+            if is_empty(grid):
+                written.append(None)
+                continue
             target = out_dir / overlay_name(prepared.path, LABELS[cls])
             atomic_write_bytes(target, overlay_png(prepared.crop, h))
             written.append(target)

@@ -25,6 +25,7 @@ from chexdist.labels import canonical_name
 from chexdist.evaluation.metrics import threshold_array
 
 FORMATS = ("json", "csv")
+BACKENDS = ("torch", "onnx")
 
 
 @dataclass
@@ -45,10 +46,15 @@ def predict_files(
     cam_finding: str | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    backend: str = "torch",
+    onnx_model: str | os.PathLike | None = None,
 ) -> PredictResult:
     """One record per readable file: {image, probabilities (label -> p), positive (labels with
-    p >= threshold), warnings, and with `cam_dir` the overlays written}. `cam_finding` forces the
-    Grad-CAM finding instead of the positive ones. The progress bar shows for folders on a terminal."""
+    p >= threshold), warnings, and with `cam_dir` the overlays written (`cam`) and the findings whose
+    map is all zero (`cam_empty`)}. `cam_finding` forces the Grad-CAM finding instead of the positive
+    ones. The progress bar shows for folders on a terminal. `backend="onnx"` runs the model exported by
+    `chexdist export --format onnx` (`onnx_model`, default RUN/export/model.onnx) in onnxruntime;
+    the preparation of the files is the same, Grad-CAM needs the torch backend."""
     from tqdm.auto import tqdm
 
     from chexdist.evaluation.inference import LoadedRun, load_run
@@ -61,8 +67,17 @@ def predict_files(
     thresholds = torch.from_numpy(threshold_array(loaded.thresholds, labels))
     files, folder = expand_inputs(inputs)
     pipeline = InputPipeline(loaded.info, loaded.transform)
+    if backend not in BACKENDS:
+        raise ChexdistError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "onnx" and cam_dir is not None:
+        raise ChexdistError("Grad-CAM needs autograd: use --backend torch with --cam (the ONNX model has no gradients)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = loaded.model.to(device).eval()
+    if backend == "onnx":
+        from chexdist.evaluation.export import OnnxModel
+
+        model, device = OnnxModel.for_run(loaded, onnx_model), torch.device("cpu")
+    else:
+        model = loaded.model.to(device).eval()
     explainer = None
     if cam_dir is not None:
         from chexdist.evaluation.cam import GradCam, check_unique_names, write_overlays
@@ -80,7 +95,8 @@ def predict_files(
                 continue
             with torch.no_grad():
                 probs = torch.sigmoid(model(torch.stack([p.input for p in ready]).to(device)).float()).cpu()
-            cams, owners = [], []
+            cams: list[tuple[Any, int]] = []
+            owners: list[dict[str, Any]] = []
             for prepared, p in zip(ready, probs):
                 positive = (p >= thresholds).nonzero().flatten().tolist()
                 record = {
@@ -94,9 +110,13 @@ def predict_files(
                     cams.append((prepared, c))
                     owners.append(record)
                 if explainer is not None:
-                    record["cam"] = []
+                    record["cam"], record["cam_empty"] = [], []
             if explainer is not None and cams:
-                for record, path in zip(owners, write_overlays(explainer, cams, Path(cam_dir), batch_size)):
+                paths = write_overlays(explainer, cams, Path(cam_dir), batch_size)
+                for record, (_, cls), path in zip(owners, cams, paths):
+                    if path is None:
+                        record["cam_empty"].append(labels[cls])
+                        continue
                     record["cam"].append(str(path))
                     result.overlays.append(str(path))
     finally:
