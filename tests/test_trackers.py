@@ -1,16 +1,20 @@
-"""Trackers, per-step schedule and EMA across a kill: one unbroken run and one run killed with
-SIGKILL after its step-6 checkpoint, then resumed from its step-3 one (so steps 4..6+ were logged
-before the kill and are logged again after it: none may appear twice). Read back
-with TensorBoard's EventAccumulator and mlflow.MlflowClient; compared with the unbroken run."""
+"""Trackers, per-step schedule, EMA and the best-epoch images across a kill: one unbroken run (in
+this process, TensorBoard only) and one run killed with SIGKILL after its step-6 checkpoint, then
+resumed with --resume from its step-3 one (so steps 4..6+ were logged before the kill and are logged
+again after it: none may appear twice). Read back with TensorBoard's EventAccumulator and
+mlflow.MlflowClient; compared with the unbroken run."""
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,18 +27,37 @@ SETS = ("train.epochs=2", "data.max_train_batches=8", "train.deterministic=true"
 STEPS = 16
 
 
+def fit_here(shards: Path, out: Path, *sets: str, resume: str | None = None) -> None:
+    """`chexdist train --recipe tiny` in this process, on one thread as the subprocesses (ENV), so both
+    compute alike."""
+    from chexdist.config import load_config
+    from chexdist.training.engine import fit
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fit(load_config("tiny", overrides=[f"data.shards={shards}", *sets]), out, resume=resume, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def kill_after_checkpoint(proc: subprocess.Popen, checkpoints: Path, step: int) -> None:
+    deadline = time.time() + 300
+    while not list(checkpoints.glob(f"step{step:09d}-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def pair(train_shards, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("trackers")
     reference, killed = root / "reference", root / "killed"
-    done = run(train_cmd(train_shards, reference, *SETS), timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
     proc = subprocess.Popen(train_cmd(train_shards, killed, *SETS), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not list((killed / "checkpoints").glob("step000000006-*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
+    killer = threading.Thread(target=kill_after_checkpoint, args=(proc, killed / "checkpoints", 6))
+    killer.start()  # the unbroken run trains here meanwhile, without MLflow (its own test reads the killed run's)
+    fit_here(train_shards, reference, *[s for s in SETS if not s.startswith("train.log_with")], "train.log_with=tensorboard")
+    killer.join()
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert max(s for s, _ in scalars(killed)["train/loss"]) >= 6  # logged past the checkpoint resumed below
@@ -131,3 +154,103 @@ def test_a_missing_tracker_is_refused_in_one_line_before_training(train_shards, 
         preflight(cfg, tmp_path / "run", None)
     assert not (tmp_path / "run").exists()
     assert trackers.hyperparameters(cfg)["optim.betas"] == "[0.9, 0.999]" and trackers.hyperparameters(cfg)["optim.lr"] == 0.001
+
+
+def tb_images(out: Path) -> dict[str, list]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "chexdist"), size_guidance={"images": 0})
+    acc.Reload()
+    return {tag: acc.Images(tag) for tag in acc.Tags()["images"]}
+
+
+def png_array(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def best_auc(out: Path) -> dict[str, float]:
+    return {k: v for k, v in json.loads((out / "best.json").read_text())["val_metrics"]["val_auc"].items() if v is not None}
+
+
+@pytest.mark.slow
+def test_best_epoch_roc_and_gradcam_images_reach_tensorboard_and_mlflow(pair):
+    """Once, at the last step: the ROC grid (640 x 384, curves drawn) and one row of Grad-CAM overlays
+    of the finding with the best val AUROC in best.json; MLflow holds both as figures."""
+    import mlflow
+
+    from chexdist.training.trackerimages import CAM_IMAGES, CAM_TAG, ROC_DPI, ROC_FIGSIZE, ROC_TAG
+
+    for out in pair:
+        aucs = best_auc(out)
+        top = max(aucs, key=aucs.get)
+        images = tb_images(out)
+        assert set(images) == {ROC_TAG, f"{CAM_TAG}/{top}"}, out
+        (roc,), (cam,) = images[ROC_TAG], images[f"{CAM_TAG}/{top}"]
+        assert roc.step == cam.step == STEPS
+        assert (roc.width, roc.height) == (ROC_FIGSIZE[0] * ROC_DPI, ROC_FIGSIZE[1] * ROC_DPI) == (640, 384)
+        assert (cam.width, cam.height) == (CAM_IMAGES * 64, 64)  # the tiny recipe's 64 px crops, side by side
+        pixels = png_array(roc.encoded_image_string).astype(int)
+        blue = (pixels[..., 2] - pixels[..., 0] > 80).mean()  # the curves (tab:blue)
+        assert blue > 0.003 and (pixels.min(axis=2) < 200).mean() > 0.02, blue
+        overlays = png_array(cam.encoded_image_string)
+        assert overlays.std() > 10
+    run_id = json.loads((pair[1] / "trackers.json").read_text())["mlflow_run_id"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{pair[1] / 'mlflow.db'}")
+    assert {a.path for a in client.list_artifacts(run_id, "best")} == {f"{ROC_TAG}.png", f"{CAM_TAG}.png"}
+
+
+@pytest.mark.slow
+def test_roc_points_are_sklearns_on_the_best_epochs_val_predictions(pair):
+    """best.safetensors predicted again on val (the path of a run resumed after its best epoch): the
+    curve points equal scikit-learn's roc_curve, their areas equal best.json's val AUROC (so these are
+    the best epoch's predictions), the figure plots exactly them, and it is the image TensorBoard holds."""
+    from sklearn.metrics import roc_curve
+
+    from chexdist.config import config_from_dict
+    from chexdist.data.mixture import load_sources
+    from chexdist.labels import LABELS
+    from chexdist.runs import load_best
+    from chexdist.training import trackerimages as ti
+
+    reference = pair[0]
+    model, info = load_best(reference)
+    config = config_from_dict(info["config"])
+    loader = ti.val_loader(config, load_sources(config.data.shards), info["normalization"], 32)
+    probs, targets = ti.val_predictions(model, loader, torch.device("cpu"))
+    assert probs.shape == (70, 14)
+    curves = ti.roc_curves(probs, targets)
+    aucs = best_auc(reference)
+    assert set(curves) == set(aucs) and len(aucs) >= 10
+    fig = ti.roc_figure(curves, ti.roc_title(info))
+    for j, label in enumerate(LABELS):
+        if label not in curves:
+            continue
+        fpr, tpr, _ = roc_curve(targets[:, j], probs[:, j], drop_intermediate=False)
+        np.testing.assert_allclose(curves[label]["fpr"], fpr, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(curves[label]["tpr"], tpr, rtol=0, atol=1e-12)
+        assert curves[label]["auc"] == pytest.approx(aucs[label], rel=1e-6)
+        line = fig.axes[j].lines[1].get_xydata()
+        np.testing.assert_array_equal(line, np.column_stack([fpr, tpr]))
+    logged = png_array(tb_images(reference)[ti.ROC_TAG][0].encoded_image_string)
+    assert np.array_equal(ti.figure_array(fig), logged)
+    ti.BestImages(info["epoch"], logged, fig).close()
+
+
+@pytest.mark.slow
+def test_without_grad_cam_only_the_roc_is_logged_with_one_line(pair, monkeypatch, caplog):
+    import logging
+
+    from chexdist.config import config_from_dict
+    from chexdist.data.mixture import load_sources
+    from chexdist.training import trackerimages as ti
+
+    monkeypatch.setattr(ti, "CAM_MODULE", "chexdist_no_such_module")
+    config = config_from_dict(json.loads((pair[0] / "best.json").read_text())["config"])
+    with caplog.at_level(logging.WARNING, logger="chexdist"):
+        images = ti.best_images(pair[0], config, load_sources(config.data.shards), torch.device("cpu"))
+    images.close()
+    assert images.cam == [] and images.cam_figure is None and images.finding is None and images.roc.shape == (384, 640, 3)
+    (line,) = [r.getMessage() for r in caplog.records if "grad-cam" in r.getMessage()]
+    assert line.endswith("no Grad-CAM overlays; pip install 'chexdist[cam]'")

@@ -156,6 +156,8 @@ class TrainConfig:
     ema_warmup: bool = _f(False, doc="EMA decay ramps up over the first steps (timm's warmup) instead of starting at ema_decay")
     channels_last: bool = _f(False, doc="model and batches in channels_last memory format")
     compile: bool = _f(False, doc="torch.compile the model's forward (Module.compile: checkpoint keys unchanged)")
+    compile_backend: str = _f("inductor", doc="torch.compile backend (torch._dynamo.list_backends()); aot_eager traces "
+                                              "forward and backward but generates no code (quick, for debugging and tests)")
     tf32: bool = _f(False, doc="TF32 matmul/convolutions for fp32 on NVIDIA GPUs (no effect on CPU)")
 
 

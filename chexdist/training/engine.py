@@ -140,7 +140,7 @@ def _validate(model, accelerator, criterion, config: Config, manifest: dict, loa
         warnings.filterwarnings("ignore", message="per_class_metrics: ")
         thresholds = tune_thresholds(probs, targets, metric=config.eval.threshold_metric)
         metrics = per_class_metrics(probs, targets, thresholds=thresholds)
-    return {"val_loss": val_loss, "metrics": metrics, "skipped": preds.skipped}
+    return {"val_loss": val_loss, "metrics": metrics, "skipped": preds.skipped, "probs": probs, "targets": targets}
 
 
 def _epoch_record(state: TrainState, lr: float, val: dict, batch: BatchPlan, precision: str) -> dict[str, Any]:
@@ -278,7 +278,7 @@ def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, 
         val = _validate(run.model, accelerator, run.criterion, run.run_config, run.manifest, val_loader)
         ema_val = _validate(run.ema.module, accelerator, run.criterion, run.run_config, run.manifest, val_loader) if run.ema else None
         record = _close_epoch(run, val, ema_val)
-        trackers.log_epoch(record, record.get("val_ema"))
+        trackers.log_epoch(record, val, ema_val, best=state.best_epoch == record["epoch"])
         history.append(record)
         saved = run.checkpointer.save()
         if report is not None:
@@ -287,7 +287,7 @@ def _fit(config: Config, out: Path, resume, report: Report | None, accelerator, 
             break
         if state.epoch < config.train.epochs and (signum := _agreed_signal(accelerator, stop)):
             _stop(run.checkpointer, saved, signum)  # a signal during validation, export_best or the save
-    return _finish(run, history, stopped_early)
+    return _finish(run, history, stopped_early, trackers)
 
 
 def _after_step(run: _Run, trackers: RunTrackers) -> Callable[[TrainState, torch.Tensor], None]:
@@ -449,7 +449,7 @@ def _early_stop(run: _Run) -> bool:
     return False
 
 
-def _finish(run: _Run, history: list[dict[str, Any]], stopped_early: bool) -> FitResult:
+def _finish(run: _Run, history: list[dict[str, Any]], stopped_early: bool, trackers: RunTrackers) -> FitResult:
     accelerator, state = run.accelerator, run.state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -461,6 +461,7 @@ def _finish(run: _Run, history: list[dict[str, Any]], stopped_early: bool) -> Fi
             f"undefined when no finding has both positives and negatives among the {last.get('val_samples', 0)} val "
             "images (see val_auc_undefined in metrics.jsonl); repack with a larger val split"
         )
+    trackers.log_best_images(run.run_config, run.manifest, state.step)  # rank 0: ROC and Grad-CAM of the best epoch
     return FitResult(run.out, state.best_auc, state.best_epoch, state.epoch, stopped_early, accelerator.num_processes,
                      accelerator.is_main_process, history)
 

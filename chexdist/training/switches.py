@@ -1,9 +1,9 @@
 """Speed and memory switches applied to the model before `accelerator.prepare`: gradient
 checkpointing, SyncBatchNorm, channels_last, torch.compile; and the TF32 backend flag.
 
-`train.compile` uses `nn.Module.compile()`, which compiles the module's call in place: the state
-dict keeps its names (no `_orig_mod.` prefix), so checkpoints, resume and best.safetensors are the
-same with or without it, and DDP wraps the compiled module as any other.
+`train.compile` uses `nn.Module.compile(backend=train.compile_backend)`, which compiles the module's
+call in place: the state dict keeps its names (no `_orig_mod.` prefix), so checkpoints, resume and
+best.safetensors are the same with or without it, and DDP wraps the compiled module as any other.
 """
 
 from __future__ import annotations
@@ -44,10 +44,20 @@ def check_compiler(device: torch.device) -> None:
                             "install g++ or set it false")
 
 
+def check_backend(name: str) -> None:
+    from torch._dynamo import list_backends
+
+    if name not in list_backends(exclude_tags=()):
+        raise ChexdistError(f"config key 'train.compile_backend': {name!r} is not a torch.compile backend here "
+                            "(see torch._dynamo.list_backends(): inductor, aot_eager, eager, cudagraphs, ...)")
+
+
 def check_switches(config: Config, device: torch.device, world_size: int) -> None:
     """The refusals, before any model is built."""
     if config.train.compile:
-        check_compiler(device)
+        check_backend(config.train.compile_backend)
+        if config.train.compile_backend == "inductor":
+            check_compiler(device)
     if config.model.sync_bn and world_size > 1 and device.type not in ("cuda", "xpu", "hpu"):
         raise ChexdistError(f"config key 'model.sync_bn': SyncBatchNorm runs on GPUs only, not {device.type}; set it false")
 
@@ -65,7 +75,7 @@ def apply_switches(model: torch.nn.Module, config: Config, world_size: int) -> t
 
 def compile_model(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     if config.train.compile:
-        model.compile()
+        model.compile(backend=config.train.compile_backend)
     return model
 
 

@@ -7,6 +7,8 @@ tracker drops anything else). A resumed run continues the same tracker run: the 
 ids are kept in `<run>/trackers.json`; TensorBoard purges the events after the checkpoint's step
 (`purge_step`), and steps MLflow already holds (identical, since resume is exact) are not sent to it
 again, so a run killed even after its last checkpoint shows no step twice. Each log is flushed.
+At the end of a run, rank 0 sends the best epoch's ROC curves and Grad-CAM overlays through each
+tracker's own image call (`trackerimages`); `accelerator.log` logs no images.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class RunTrackers:
         self.names = list(config.train.log_with)
         self.last_time, self.last_step = time.perf_counter(), 0
         self.mlflow_through = 0  # the last step the resumed MLflow run already holds
+        self.best_val: tuple | None = None  # (val probs, targets) of the best epoch, when this process ran it
 
     @property
     def enabled(self) -> bool:
@@ -139,17 +142,39 @@ class RunTrackers:
             if tracker.name == "tensorboard":
                 tracker.writer.flush()
 
-    def log_epoch(self, record: dict[str, Any], ema_record: dict[str, Any] | None) -> None:
+    def log_epoch(self, record: dict[str, Any], val: dict[str, Any], ema_val: dict[str, Any] | None, best: bool) -> None:
+        """After an epoch's `_close_epoch`: its numbers; when `best`, keep the exported weights' val
+        predictions (`val` / `ema_val`: the validations' `probs` and `targets`) for `log_best_images`."""
         if not self.enabled or not self.accelerator.is_main_process:
             return
+        if best:
+            chosen = ema_val if record.get("better_weights") == "ema" else val
+            self.best_val = (chosen["probs"], chosen["targets"])
         values = epoch_metrics(record)
-        if ema_record is not None:
-            values.update(epoch_metrics(ema_record, "val_ema"))
+        if record.get("val_ema") is not None:
+            values.update(epoch_metrics(record["val_ema"], "val_ema"))
         if self.accelerator.device.type == "cuda":
             import torch
 
             values["gpu/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self._log(values, record["step"])
+
+    def log_best_images(self, config: Config, manifest: dict, step: int) -> None:
+        """Rank 0, at the end of a run: the best epoch's ROC curves and Grad-CAM overlays (of
+        best.safetensors) to every tracker with an image call, at the run's last step."""
+        if not self.enabled or not self.accelerator.is_main_process:
+            return
+        from chexdist.training import trackerimages
+
+        takers = [t for t in self.accelerator.trackers if t.name in trackerimages.IMAGE_TRACKERS]
+        if not takers:
+            return
+        images = trackerimages.best_images(self.out, config, manifest, self.accelerator.device, self.best_val)
+        try:
+            for tracker in takers:
+                trackerimages.send_images(tracker, images, step)
+        finally:
+            images.close()
 
     def close(self, owns_accelerator: bool) -> None:
         """`end_training` when fit made the Accelerator (trackers finished, process group released);
