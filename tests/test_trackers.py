@@ -199,6 +199,9 @@ def test_best_epoch_roc_and_gradcam_images_reach_tensorboard_and_mlflow(pair):
     run_id = json.loads((pair[1] / "trackers.json").read_text())["mlflow_run_id"]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{pair[1] / 'mlflow.db'}")
     assert {a.path for a in client.list_artifacts(run_id, "best")} == {f"{ROC_TAG}.png", f"{CAM_TAG}.png"}
+    assert sorted(p.relative_to(pair[1]).as_posix() for p in (pair[1] / "mlartifacts").rglob("*.png")) == [
+        f"mlartifacts/{run_id}/artifacts/{CAM_TAG}.png", f"mlartifacts/{run_id}/artifacts/{ROC_TAG}.png"]
+    assert not (REPO / "mlruns").exists()  # nothing written in the working directory (MLflow's default)
 
 
 @pytest.mark.slow

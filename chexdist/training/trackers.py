@@ -1,7 +1,8 @@
 """Experiment trackers through Accelerate (`train.log_with`): TensorBoard, MLflow, W&B, Aim.
 
 Nothing is contacted unless asked: TensorBoard writes event files under `<run>/chexdist/`; MLflow
-uses `sqlite:///<run>/mlflow.db` (unless MLFLOW_TRACKING_URI is set) with telemetry off; W&B runs
+uses `sqlite:///<run>/mlflow.db` and artifacts in `<run>/mlartifacts/` (unless MLFLOW_TRACKING_URI is
+set: then the server's experiment decides) with telemetry off; W&B runs
 offline unless WANDB_MODE says otherwise. Only numbers are logged as metrics (Accelerate's MLflow
 tracker drops anything else). A resumed run continues the same tracker run: the MLflow / W&B run
 ids are kept in `<run>/trackers.json`; TensorBoard purges the events after the checkpoint's step
@@ -26,6 +27,7 @@ from chexdist.utils.fileio import atomic_write_json
 
 PROJECT = "chexdist"  # TensorBoard subfolder, MLflow experiment, W&B project
 STATE_FILE = "trackers.json"
+ARTIFACTS = "mlartifacts"  # MLflow artifacts of a run-local store
 MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "aim": "aim"}
 
 
@@ -112,8 +114,11 @@ class RunTrackers:
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
             import mlflow
 
-            mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.out.resolve()}/mlflow.db")
+            uri = os.environ.get("MLFLOW_TRACKING_URI")
+            mlflow.set_tracking_uri(uri or f"sqlite:///{self.out.resolve()}/mlflow.db")
             kwargs["mlflow"] = {"run_id": saved.get("mlflow_run_id"), "run_name": self.out.name}
+            if not uri:  # the run's own store keeps its artifacts beside it (MLflow's default is ./mlruns in the cwd)
+                kwargs["mlflow"]["logging_dir"] = str(self.out.resolve() / ARTIFACTS)
         if "wandb" in self.names:
             os.environ.setdefault("WANDB_MODE", "offline")
             kwargs["wandb"] = {"dir": str(self.out), "name": self.out.name, "id": saved.get("wandb_run_id"), "resume": "allow"}
