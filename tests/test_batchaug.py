@@ -18,9 +18,10 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 from chexdist.config import load_config
-from chexdist.data.batchaug import RATIO, AugParams, BatchAugment, build_batch_augment, crop_boxes, resized_crop, resolve_where
+from chexdist.data.batchaug import RATIO, AugParams, BatchAugment, crop_boxes, resized_crop, resolve_where, train_stages
 from chexdist.data.loader import build_train_loader
-from chexdist.data.transforms import GrayToNormalizedRGB, device_load_size, load_transform, split_normalization, train_transform
+from chexdist.data.transforms import GrayToNormalizedRGB, device_load_size, load_transform, split_normalization
+from chexdist.errors import ChexdistError
 from tests.conftest import REPO
 from tests.test_behaviour_training import ENV
 
@@ -28,17 +29,18 @@ S, EVAL_RESIZE, B = 32, 36, 8
 
 
 def augment_for(preset: str, **kw) -> BatchAugment:
-    args = dict(brightness=0.1, contrast=0.1, scale_min=0.5, degrees=10.0, translate=0.05) | kw
-    return BatchAugment(preset, S, kw.pop("eval_resize", EVAL_RESIZE), args["brightness"], args["contrast"],
-                        args["scale_min"], args["degrees"], args["translate"], GrayToNormalizedRGB())
+    args = dict(brightness=0.1, contrast=0.1, scale_min=0.5, degrees=10.0, translate=0.05, eval_resize=EVAL_RESIZE,
+                input_size=0) | kw
+    return BatchAugment(preset, S, args["eval_resize"], args["brightness"], args["contrast"], args["scale_min"],
+                        args["degrees"], args["translate"], GrayToNormalizedRGB(), args["input_size"])
 
 
 def loader_for(shards: Path, preset: str, *, start_batch: int = 0, seed: int = 3, epoch: int = 1, rank: int = 0,
-               world: int = 1, workers: int = 0):
-    transform = load_transform(preset, S, EVAL_RESIZE)
+               world: int = 1, workers: int = 0, source: int = 0):
+    transform = load_transform(preset, S, EVAL_RESIZE, source_size=source)
     loader, _ = build_train_loader(shards, B, transform, workers, world, rank, seed=seed, epoch=epoch, shuffle_buffer=20,
                                    start_batch=start_batch, normalize_in_loader=False,
-                                   batch_augment=augment_for(preset))
+                                   batch_augment=augment_for(preset, input_size=source))
     return loader
 
 
@@ -58,21 +60,22 @@ def smooth(size: int) -> torch.Tensor:
     return ((torch.sin(xx / 5) + torch.cos(yy / 7)) * 60 + 128).clamp(0, 255).to(torch.uint8)[None, None]
 
 
-@pytest.mark.parametrize("preset,workers", [("dannynet", 0), ("strong", 2), ("flip", 0)])
-def test_mid_epoch_resume_sees_bit_identical_batches(synth_shards, preset, workers):
+@pytest.mark.parametrize("preset,workers,source", [("dannynet", 0, 0), ("strong", 2, 64), ("flip", 0, 64)])
+def test_mid_epoch_resume_sees_bit_identical_batches(synth_shards, preset, workers, source):
+    """source 64: the workers only decode the 64 px shards (resize a no-op) and the device resizes."""
     torch.manual_seed(11)
-    full = seen(loader_for(synth_shards, preset, workers=workers))
+    full = seen(loader_for(synth_shards, preset, workers=workers, source=source))
     assert len(full) >= 6 and full[0].shape == (B, 3, S, S) and full[0].dtype == torch.float32
     torch.manual_seed(12345)
     torch.rand(777)  # a resumed process's global generator is anywhere
     k = 4
-    resumed = seen(loader_for(synth_shards, preset, start_batch=k, workers=workers))
+    resumed = seen(loader_for(synth_shards, preset, start_batch=k, workers=workers, source=source))
     assert len(resumed) == len(full) - k
     assert all(torch.equal(a, b) for a, b in zip(full[k:], resumed))
     assert not any(torch.equal(full[i], full[i + 1]) for i in range(len(full) - 1))
     torch.manual_seed(5)
     before = torch.get_rng_state()
-    seen(loader_for(synth_shards, preset, start_batch=len(full) - 1))
+    seen(loader_for(synth_shards, preset, start_batch=len(full) - 1, source=source))
     assert torch.equal(before, torch.get_rng_state()), "the batch augmentation must not draw from the global generator"
 
 
@@ -101,9 +104,29 @@ def test_flip_and_full_crop_are_exact():
     assert identity_load.load_size == S
     out = identity_load.augment(x, params([[0, 0, S, S]] * 2, [True, False]))
     assert torch.equal(out[0], x[0].flip(-1).float()) and torch.equal(out[1], x[1].float())
-    flip = augment_for("flip")
+    flip = augment_for("flip", eval_resize=S)
     out = flip.augment(x, params([[0, 0, S, S]] * 2, [True, False]))
     assert torch.equal(out[0], x[0].flip(-1).float()) and torch.equal(out[1], x[1].float())
+
+
+@pytest.mark.parametrize("preset", ["flip", "dannynet"])
+def test_the_device_resize_is_torchvisions_resize(preset):
+    """From the packed size (48) to the load size: torchvision's antialiased Resize of the float image
+    to 1e-3 grey levels before rounding, within 1 level of its uint8 Resize (the workers' path); the
+    flip preset then takes the eval centre crop, as torchvision's CenterCrop."""
+    img = smooth(48)
+    aug = augment_for(preset, input_size=48, brightness=0.0, contrast=0.0)
+    L = aug.load_size
+    assert L == (EVAL_RESIZE if preset == "flip" else 46)
+    resized = torch.nn.functional.interpolate(img.float(), size=(L, L), mode="bilinear", antialias=True, align_corners=False)
+    assert (resized[0] - v2.Resize(L, antialias=True)(img[0].float())).abs().max() < 1e-3
+    assert (resized.round() - v2.Resize(L, antialias=True)(img[0]).float()).abs().max() <= 1
+    out = aug.augment(img, params([[0, 0, L, L]], [False]))  # flip: no flip; dannynet: the whole image, no jitter
+    assert out.shape == (1, 1, S, S)
+    if preset == "flip":
+        assert torch.equal(out[0], TF.center_crop(resized.round()[0], [S, S]))
+    else:
+        assert torch.equal(out, resized_crop(resized.round(), torch.tensor([[0, 0, L, L]]), torch.tensor([False]), S).round())
 
 
 @pytest.mark.parametrize("box", [[5, 7, 20, 24], [3, 2, 40, 44], [0, 0, 48, 48]])
@@ -192,9 +215,14 @@ def test_jitter_ranges_and_order_follow_torchvision_color_jitter():
 def test_where_resolution_and_the_load_transform():
     assert resolve_where("auto", "cpu") == "workers" and resolve_where("auto", "cuda") == "device"
     assert resolve_where("device", "cpu") == "device"
-    assert device_load_size("dannynet", 224, 256, 0.5) == 317 and device_load_size("flip", 224, 256, 0.5) == 224
+    assert device_load_size("dannynet", 224, 256, 0.5) == 317 and device_load_size("flip", 224, 256, 0.5) == 256
     per_image, _ = split_normalization(load_transform("strong", S, EVAL_RESIZE))
     assert per_image(torch.zeros(1, 50, 70, dtype=torch.uint8)).shape == (1, 46, 46)
+    packed = torch.randint(0, 256, (1, 64, 80), dtype=torch.uint8)  # a packed image: shorter side 64
+    per_image, _ = split_normalization(load_transform("dannynet", S, EVAL_RESIZE, source_size=64))
+    assert torch.equal(per_image(packed), packed[:, :, 8:72])  # no resampling: a centre crop only
+    with pytest.raises(ChexdistError, match=r"expects uint8 batches \[B,1,64,64\]"):
+        augment_for("dannynet", input_size=64)(torch.zeros(2, 1, 46, 46, dtype=torch.uint8), torch.Generator())
 
 
 # fit() as train.py runs it, with a seam: a forward pre-hook saves every batch the model trains on.
@@ -238,8 +266,7 @@ def test_engine_trains_with_device_augmentation_and_resumes_exactly(train_shards
     assert len(full) == 4 and len(resumed) == 2 and full[0].shape == (16, 3, 64, 64)
     assert all(torch.equal(a, b) for a, b in zip(full[2:], resumed))
     cfg = load_config("tiny", overrides=sets)  # the same batches built here: the engine passes batch k to finish
-    transform = train_transform(cfg, best["normalization"], on_device=True)
-    augment = build_batch_augment(cfg.aug, 64, cfg.data.resolved_eval_resize, split_normalization(transform)[1])
+    transform, augment = train_stages(cfg, best["normalization"], on_device=True, source_size=72)  # shards at 72 px
     loader, _ = build_train_loader(train_shards, 16, transform, 0, 1, 0, seed=cfg.train.seed, epoch=0, max_batches=4,
                                    shuffle_buffer=cfg.data.shuffle_buffer, normalize_in_loader=False, batch_augment=augment)
     assert all(torch.equal(a, b) for a, b in zip(full, seen(loader)))

@@ -26,8 +26,8 @@ from chexdist.errors import ChexdistError
 from chexdist.labels import NUM_LABELS
 from chexdist.data.shardformat import IMAGE_KEYS, iter_tar, load_manifest, shard_urls
 from chexdist.config import AugConfig, Config, DataConfig
-from chexdist.data.batchaug import build_batch_augment
-from chexdist.data.transforms import build_transform, load_transform, split_normalization, train_transform
+from chexdist.data.batchaug import train_stages
+from chexdist.data.transforms import build_transform, split_normalization
 
 
 # The GPU rate the loader must feed when no GPU is measured here: timm's published train benchmark
@@ -286,19 +286,19 @@ def loader_suite(
 def device_augment_figures(shards: Path, manifest: dict, image_size: int, eval_resize: int, batch_size: int,
                            workers: int, repeats: int) -> dict[str, Any]:
     """The "augmentation in the workers vs on the device" line: the workers' CPU ms per image with
-    today's worker-side dannynet augmentation (`workers_aug_cpu_ms`) and with aug.where=device, where
-    they only decode and resize to `load_px` (`workers_load_cpu_ms`), their ratio, and what the
-    device then does per image, timed here on one CPU thread (`device_aug_cpu_ms`; on a GPU that is
-    GPU time) with the parameter draws that stay on the host CPU (`device_params_cpu_ms`). The ratio
+    the worker-side dannynet augmentation (`workers_aug_cpu_ms`) and with aug.where=device, where
+    they only decode (and centre-crop to the packed size `worker_px`: `workers_load_cpu_ms`), their
+    ratio, and what the device then does per image (resize to `load_px`, augment, normalize), timed
+    here on one CPU thread (`device_aug_cpu_ms`; on a GPU that is GPU time), with the parameter
+    draws that stay on the host CPU (`device_params_cpu_ms`). The ratio
     is null when the workers' CPU time is below the clock's resolution (a few tiny images)."""
-    aug = AugConfig(preset="dannynet")
-    in_workers = train_transform(Config(aug=aug, data=DataConfig(image_size=image_size, eval_resize=eval_resize)))
-    load = load_transform(aug.preset, image_size, eval_resize, aug.scale_min)
-    augment = build_batch_augment(aug, image_size, eval_resize, split_normalization(load)[1])
+    config = Config(aug=AugConfig(preset="dannynet"), data=DataConfig(image_size=image_size, eval_resize=eval_resize))
+    in_workers, _ = train_stages(config, None, on_device=False)
+    load, augment = train_stages(config, None, on_device=True, source_size=int(manifest["image"]["size"] or 0))
     steady = bool(workers) and os.path.isdir("/proc")
     aug_ms = min(_workers_cpu_ms(shards, manifest, in_workers, batch_size, workers, steady) for _ in range(repeats))
     load_ms = min(_workers_cpu_ms(shards, manifest, load, batch_size, workers, steady) for _ in range(repeats))
-    side = augment.load_size
+    side = augment.input_size
     batch = torch.randint(0, 256, (batch_size, 1, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     rounds = max(1, 256 // batch_size)
     start = time.process_time()
@@ -309,7 +309,8 @@ def device_augment_figures(shards: Path, manifest: dict, image_size: int, eval_r
     for k in range(rounds):
         augment(batch, torch.Generator().manual_seed(k))
     device_ms = 1e3 * (time.process_time() - start) / (rounds * batch_size)
-    return {"comparison": "augmentation in the workers vs on the device", "preset": aug.preset, "load_px": side,
+    return {"comparison": "augmentation in the workers vs on the device", "preset": config.aug.preset, "worker_px": side,
+            "load_px": augment.load_size,
             "steady": steady, "workers_aug_cpu_ms": round(aug_ms, 3), "workers_load_cpu_ms": round(load_ms, 3),
             "worker_cpu_ratio": round(aug_ms / load_ms, 2) if load_ms > 0 else None, "device_aug_cpu_ms": round(device_ms, 3),
             "device_params_cpu_ms": round(params_ms, 4)}

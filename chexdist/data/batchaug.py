@@ -1,26 +1,28 @@
 """Train augmentation per batch on the training device (`aug.where: device`, or `auto` on CUDA).
 
-The workers then only read, decode and resize (`chexdist.data.transforms.load_transform`: a square
-`load_size` image per sample, so batches stack); :class:`BatchAugment` turns the uint8 batch
-[B,1,L,L] on the device into the normalized float batch [B,3,S,S] the model sees, with the preset's
-ops in torchvision's order and with torchvision's parameter distributions:
+The workers then only read and decode (`chexdist.data.transforms.load_transform`: Resize +
+CenterCrop to a square W, the shards' packed size in training, so the resize is a no-op and batches
+stack); :class:`BatchAugment` turns the uint8 batch [B,1,W,W] on the device into the normalized
+float batch [B,3,S,S] the model sees, with the preset's ops in torchvision's order and with
+torchvision's parameter distributions:
 
+- a resize of the batch to the load size L (`device_load_size`; antialiased bilinear, as
+  torchvision's Resize), rounded to integer grey levels as the uint8 path is;
+- flip / none: the eval centre crop, then (flip) a per-sample horizontal flip, exact;
 - RandomResizedCrop + RandomHorizontalFlip as one affine map per sample: one ``F.affine_grid`` +
-  ``F.grid_sample`` (bilinear, border padding) for the whole batch, rounded to integer grey levels
-  as torchvision's uint8 resize is. Unlike the CPU path it does not antialias: a crop larger than S
-  is resampled with plain bilinear weights (the default load size keeps that shrink under 1.42x).
+  ``F.grid_sample`` (bilinear, border padding) for the whole batch, rounded. Unlike the CPU path it
+  does not antialias: a crop larger than S is resampled with plain bilinear weights (the load size
+  keeps that shrink at most 1 / sqrt(scale_min), 1.41x by default);
 - ColorJitter(brightness, contrast): per-sample factors and a per-sample order of the two ops,
-  each op clamped and truncated to integer levels as torchvision's uint8 kernels are.
+  each op clamped and truncated to integer levels as torchvision's uint8 kernels are;
 - RandomAffine(degrees, translate) (preset `strong`): a second grid_sample, nearest, zero fill,
-  after the jitter as on the CPU.
-- The model's normalization (`GrayToNormalizedRGB`), last.
-
-The `flip` preset's workers run the eval geometry; on the device it is a per-sample flip, exact.
+  after the jitter as on the CPU;
+- the model's normalization (`GrayToNormalizedRGB`), last.
 
 Parameters are drawn on the CPU from the `torch.Generator` the caller passes (the train loader seeds
 one per batch from (seed, epoch, rank, batch index): `ShardLoader.finish`), never from a global
 generator, so a batch's augmentation depends on those numbers alone and a mid-epoch resume
-reproduces it bit for bit (on the same device type; CUDA's grid_sample is not bitwise CPU's).
+reproduces it bit for bit (on the same device type; CUDA's kernels are not bitwise the CPU's).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chexdist.data.transforms import GrayToNormalizedRGB, device_load_size
+from chexdist.data.transforms import GrayToNormalizedRGB, device_load_size, split_normalization, train_transform
 from chexdist.errors import ChexdistError
 
 AUG_WHERE: tuple[str, ...] = ("auto", "workers", "device")
@@ -145,14 +147,17 @@ def _contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 class BatchAugment(nn.Module):
-    """uint8 [B,1,L,L] (L = `load_size`) -> normalized float [B,3,S,S], augmented per `preset` with
-    parameters drawn from the generator passed to forward (on the CPU; applied on the input's device)."""
+    """uint8 [B,1,W,W] (W = `input_size`, default `load_size`) -> normalized float [B,3,S,S],
+    augmented per `preset` with parameters drawn from the generator passed to forward (on the CPU;
+    applied on the input's device). The batch is first resized to `load_size` (antialiased, as
+    torchvision's Resize) when W differs."""
 
     def __init__(self, preset: str, image_size: int, eval_resize: int, brightness: float, contrast: float,
-                 scale_min: float, degrees: float, translate: float, normalize: GrayToNormalizedRGB):
+                 scale_min: float, degrees: float, translate: float, normalize: GrayToNormalizedRGB, input_size: int = 0):
         super().__init__()
-        self.preset, self.image_size = preset, image_size
+        self.preset, self.image_size, self.eval_resize = preset, image_size, eval_resize
         self.load_size = device_load_size(preset, image_size, eval_resize, scale_min)
+        self.input_size = input_size or self.load_size
         self.brightness, self.contrast = jitter_range(brightness), jitter_range(contrast)
         self.jitter = preset in CROP_PRESETS and bool(brightness or contrast)
         self.scale, self.degrees, self.translate = (scale_min, 1.0), degrees, translate
@@ -173,22 +178,24 @@ class BatchAugment(nn.Module):
         return AugParams(box, flip, brightness, contrast, brightness_first, angle, shift)
 
     def forward(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 1:
-            raise ChexdistError(f"batch augmentation expects uint8 batches [B,1,H,W], got shape {tuple(images.shape)}")
-        size = self.load_size if self.preset in CROP_PRESETS else self.image_size
-        if tuple(images.shape[-2:]) != (size, size):
-            raise ChexdistError(f"batch augmentation ({self.preset}) expects {size}x{size} images from the workers, "
-                                f"got {tuple(images.shape[-2:])}; build the loader with load_transform")
+        W = self.input_size
+        if images.ndim != 4 or images.shape[1] != 1 or tuple(images.shape[-2:]) != (W, W):
+            raise ChexdistError(f"batch augmentation expects uint8 batches [B,1,{W},{W}] from the workers "
+                                f"(load_transform), got shape {tuple(images.shape)}")
         return self.normalize(self.augment(images, self.sample(images.shape[0], generator)))
 
     def augment(self, images: torch.Tensor, params: AugParams) -> torch.Tensor:
         """The augmented batch as float grey levels [B,1,S,S] (integer-valued, 0..255), before normalization."""
-        x, device = images.to(torch.float32), images.device
-        if self.preset == "flip":
-            return torch.where(params.flip.to(device).view(-1, 1, 1, 1), x.flip(-1), x)
-        if self.preset not in CROP_PRESETS:
+        x, device, L, S = images.to(torch.float32), images.device, self.load_size, self.image_size
+        if x.shape[-1] != L:
+            x = F.interpolate(x, size=(L, L), mode="bilinear", antialias=True, align_corners=False).round_()
+        if self.preset not in CROP_PRESETS:  # the eval geometry's centre crop, then flip's flip
+            top = int(round((L - S) / 2.0))  # torchvision center_crop's offset
+            x = x[..., top:top + S, top:top + S]
+            if self.preset == "flip":
+                x = torch.where(params.flip.to(device).view(-1, 1, 1, 1), x.flip(-1), x)
             return x
-        B, S = x.shape[0], self.image_size
+        B = x.shape[0]
         x = resized_crop(x, params.box, params.flip, S).round_()
         if self.jitter:
             b = params.brightness.to(device).view(-1, 1, 1, 1)
@@ -202,10 +209,23 @@ class BatchAugment(nn.Module):
         return x
 
 
-def build_batch_augment(aug, image_size: int, eval_resize: int, normalize: GrayToNormalizedRGB) -> BatchAugment:
-    """The BatchAugment of an `aug` config section (AugConfig)."""
+def build_batch_augment(aug, image_size: int, eval_resize: int, normalize: GrayToNormalizedRGB,
+                        input_size: int = 0) -> BatchAugment:
+    """The BatchAugment of an `aug` config section (AugConfig) for batches of `input_size` px."""
     return BatchAugment(aug.preset, image_size, eval_resize, aug.brightness, aug.contrast, aug.scale_min,
-                        aug.degrees, aug.translate, normalize)
+                        aug.degrees, aug.translate, normalize, input_size)
+
+
+def train_stages(config, normalization: dict | None, on_device: bool, source_size: int = 0) -> tuple[nn.Module, BatchAugment | None]:
+    """(the train loader's per-image transform, the batch augmentation or None) of a run's Config:
+    with `on_device`, workers that decode and resize to `source_size` (the shards' packed size;
+    0 = `load_size`) and the BatchAugment that takes it from there."""
+    transform = train_transform(config, normalization, on_device, source_size)
+    if not on_device:
+        return transform, None
+    data = config.data
+    return transform, build_batch_augment(config.aug, data.image_size, data.resolved_eval_resize,
+                                          split_normalization(transform)[1], source_size)
 
 
 def generator_for(words) -> torch.Generator:

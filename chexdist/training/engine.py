@@ -30,8 +30,8 @@ from chexdist import __version__
 from chexdist.config import BatchPlan, Config, eval_crop_warning, resolve_batch, save_config
 from chexdist.data.lineage import shards_lineage, write_train_patients
 from chexdist.data.loader import build_train_loader
-from chexdist.data.batchaug import build_batch_augment, resolve_where
-from chexdist.data.transforms import eval_transform, split_normalization, train_transform
+from chexdist.data.batchaug import resolve_where, train_stages
+from chexdist.data.transforms import eval_transform
 from chexdist.errors import ChexdistError, NonFiniteLoss, Preempted
 from chexdist.evaluation.inference import predict_split, split_loader
 from chexdist.evaluation.metrics import per_class_metrics, tune_thresholds
@@ -374,10 +374,8 @@ def _loaders(run: _Run):
     """(train loader, its batches per epoch, val loader), built once for the run (persistent workers)."""
     config, accelerator = run.config, run.accelerator
     run.run_config.aug.where = resolve_where(config.aug.where, accelerator.device)  # best.json aug_where says which ran
-    on_device = run.run_config.aug.where == "device"
-    transform = train_transform(config, run.normalization, on_device)
-    augment = build_batch_augment(config.aug, config.data.image_size, config.data.resolved_eval_resize,
-                                  split_normalization(transform)[1]) if on_device else None
+    source_size = int(run.manifest.get("image", {}).get("size") or 0)  # the device resizes from the packed size
+    transform, augment = train_stages(config, run.normalization, run.run_config.aug.where == "device", source_size)
     loader, num_batches = build_train_loader(
         config.data.shards,
         run.batch.batch_size,
