@@ -245,6 +245,7 @@ torch.save(batches, out + ("-resumed" if resume else "") + "-batches.pt")
 """
 
 
+@pytest.mark.slow
 def test_engine_trains_with_device_augmentation_and_resumes_exactly(train_shards, tmp_path):
     script = tmp_path / "fit_batches.py"
     script.write_text(FIT_SCRIPT)
