@@ -18,6 +18,8 @@ STREAM = {"decode_only_img_s", "decode_only_cpu_ms", "stream_1proc_img_s", "stre
           "ours_steady_cpu_ms", "baseline_steady_cpu_ms", "pipeline_overhead_steady", "stage_cpu_ms", "glue_cpu_ms",
           "ours_steady_main_cpu_ms", "baseline_steady_main_cpu_ms", "img_s_per_core_steady", "cores_for_reference", "reference",
           "decoder_cpu_ms", "decoder_fastest"}
+DEVICE_AUG = {"preset", "worker_px", "load_px", "steady", "workers_aug_cpu_ms", "workers_load_cpu_ms", "worker_cpu_ratio", "device_aug_cpu_ms",
+              "device_params_cpu_ms"}
 POSITIVE = {"ours_img_s", "baseline_img_s", "ratio", "ours_cpu_ms", "baseline_cpu_ms", "cpu_ratio", "shard_bytes"}
 
 
@@ -33,9 +35,17 @@ def test_loader_bench_prints_two_comparisons_per_format(tmp_path):
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert lines == results
     assert [(r["format"], r["comparison"]) for r in lines] == [
-        (f, c) for f in ("png", "jpg") for c in ("packed (pre-resized) vs raw files", "stream vs same-resolution files")
+        (f, c) for f in ("png", "jpg") for c in ("packed (pre-resized) vs raw files", "stream vs same-resolution files",
+                                                 "augmentation in the workers vs on the device")
     ]
     for r in lines:
+        if r["comparison"].startswith("augmentation"):
+            assert set(r) == set(COMMON) - set(POSITIVE) - {"baseline_px", "baseline_format"} | DEVICE_AUG | {"shard_bytes"}
+            assert r["worker_px"] == 32 and r["load_px"] == 23 and r["steady"] and all(r[k] >= 0 for k in DEVICE_AUG if k.endswith("_ms"))
+            assert r["device_aug_cpu_ms"] > 0  # the workers' figures are /proc ticks (10 ms): 10 tiny images may read 0
+            if r["worker_cpu_ratio"] is not None:
+                assert r["worker_cpu_ratio"] == pytest.approx(r["workers_aug_cpu_ms"] / r["workers_load_cpu_ms"], rel=0.02)
+            continue
         same_res = r["comparison"].startswith("stream")
         assert set(r) == COMMON | (STREAM if same_res else set()) and r["images"] == 10 and r["workers"] == 1
         assert all(isinstance(r[k], (int, float)) and r[k] > 0 for k in POSITIVE), r

@@ -25,6 +25,8 @@ from chexdist.data.shardindex import load_index
 from chexdist.errors import ChexdistError
 from chexdist.labels import NUM_LABELS
 from chexdist.data.shardformat import IMAGE_KEYS, iter_tar, load_manifest, shard_urls
+from chexdist.config import AugConfig, Config, DataConfig
+from chexdist.data.batchaug import train_stages
 from chexdist.data.transforms import build_transform, split_normalization
 
 
@@ -276,8 +278,54 @@ def loader_suite(
                 yield {**common, "comparison": "stream vs same-resolution files", **compare(t["ours"], t["files_same"]),
                        "baseline_px": _shorter_sides(same_res), "baseline_format": [fmt], **_stream_figures(t, stages),
                        "decoder_cpu_ms": decoders, "decoder_fastest": min(decoders, key=decoders.get)}
+                yield {**common, **device_augment_figures(shards, manifest, image_size, eval_resize, batch_size, workers, repeats)}
         finally:
             torch.set_num_threads(threads)
+
+
+def device_augment_figures(shards: Path, manifest: dict, image_size: int, eval_resize: int, batch_size: int,
+                           workers: int, repeats: int) -> dict[str, Any]:
+    """The "augmentation in the workers vs on the device" line: the workers' CPU ms per image with
+    the worker-side dannynet augmentation (`workers_aug_cpu_ms`) and with aug.where=device, where
+    they only decode (and centre-crop to the packed size `worker_px`: `workers_load_cpu_ms`), their
+    ratio, and what the device then does per image (resize to `load_px`, augment, normalize), timed
+    here on one CPU thread (`device_aug_cpu_ms`; on a GPU that is GPU time), with the parameter
+    draws that stay on the host CPU (`device_params_cpu_ms`). The ratio
+    is null when the workers' CPU time is below the clock's resolution (a few tiny images)."""
+    config = Config(aug=AugConfig(preset="dannynet"), data=DataConfig(image_size=image_size, eval_resize=eval_resize))
+    in_workers, _ = train_stages(config, None, on_device=False)
+    load, augment = train_stages(config, None, on_device=True, source_size=int(manifest["image"]["size"] or 0))
+    steady = bool(workers) and os.path.isdir("/proc")
+    pairs = [[_workers_cpu_ms(shards, manifest, t, batch_size, workers, steady) for t in (in_workers, load)]
+             for _ in range(repeats)]  # interleaved, best of each kept, as the other lines
+    aug_ms, load_ms = (min(column) for column in zip(*pairs))
+    side = augment.input_size
+    batch = torch.randint(0, 256, (batch_size, 1, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    rounds = max(1, 256 // batch_size)
+    start = time.process_time()
+    for k in range(rounds):
+        augment.sample(batch_size, torch.Generator().manual_seed(k))
+    params_ms = 1e3 * (time.process_time() - start) / (rounds * batch_size)
+    start = time.process_time()
+    for k in range(rounds):
+        augment(batch, torch.Generator().manual_seed(k))
+    device_ms = 1e3 * (time.process_time() - start) / (rounds * batch_size)
+    return {"comparison": "augmentation in the workers vs on the device", "preset": config.aug.preset, "worker_px": side,
+            "load_px": augment.load_size,
+            "steady": steady, "workers_aug_cpu_ms": round(aug_ms, 3), "workers_load_cpu_ms": round(load_ms, 3),
+            "worker_cpu_ratio": round(aug_ms / load_ms, 2) if load_ms > 0 else None, "device_aug_cpu_ms": round(device_ms, 3),
+            "device_params_cpu_ms": round(params_ms, 4)}
+
+
+def _workers_cpu_ms(shards: Path, manifest: dict, transform, batch_size: int, workers: int, steady: bool) -> float:
+    """CPU ms per image of the train loader's workers alone: a steady pass with persistent workers,
+    less the consuming process's part (receiving and normalizing); without workers (or /proc), one
+    pass in one process of the uint8 batches (no consumer)."""
+    if not steady:
+        return timed(lambda: build_train_loader(shards, batch_size, transform, 0, 1, 0, seed=0, epoch=0, manifest=manifest,
+                                                normalize_in_loader=False)[0]).cpu_ms
+    timing = _steady_stream(shards, transform, batch_size, workers, manifest)
+    return 1e3 * (timing.cpu_s - timing.main_cpu_s) / timing.images
 
 
 def _measure(shards: Path, manifest: dict, paths: list[Path], same_res: list[Path], transform, batch_size: int,

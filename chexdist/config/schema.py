@@ -15,6 +15,7 @@ LossName = Literal["bce", "wbce", "focal"]
 OptimName = Literal["adam", "adamw", "sgd"]
 SchedName = Literal["plateau", "cosine", "step", "none"]
 AugPreset = Literal["none", "flip", "dannynet", "strong"]
+AugWhere = Literal["auto", "workers", "device"]
 HeadName = Literal["linear", "dense_bn"]
 Precision = Literal["no", "bf16", "fp16", "auto"]
 LrScaling = Literal["none", "linear", "sqrt"]
@@ -130,6 +131,8 @@ class AugConfig:
     scale_min: float = _f(0.5, gt=0, le=1)
     degrees: float = _f(10.0, ge=0, le=180)
     translate: float = _f(0.05, ge=0, lt=1)
+    where: AugWhere = _f("auto", doc="train augmentation in the loader workers per image, or per batch on the training "
+                         "device; auto = device when it is CUDA (docs/loader.md)")
 
 
 @dataclass

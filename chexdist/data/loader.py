@@ -55,6 +55,9 @@ from chexdist.data.reader import Item, LoaderStats, Shards, read_segments, shard
 from chexdist.data.shardformat import split_shards
 from chexdist.utils.stopsignals import blocked, serve_through_stop_signals
 from chexdist.data.transforms import GrayToNormalizedRGB, split_normalization
+from chexdist.data.batchaug import generator_for
+
+AUGMENT_STREAM = 0x6175670A  # first seed word of the per-batch device augmentation, apart from the workers' streams
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -361,6 +364,19 @@ class ShardLoader:
                  position: torch.Tensor | None = None):
         self.loader, self.num_batches, self.stats, self.what = loader, num_batches, stats, what
         self.normalize, self.position = normalize, position
+        self.augment: torch.nn.Module | None = None
+        self.augment_key: tuple[int, int] = (0, 0)
+
+    def finish(self, images: torch.Tensor, index: int) -> torch.Tensor:
+        """Batch `index` of the epoch (0-based, counted from the epoch's start) as the model sees it,
+        `images` already on the device: `normalize`, or with a batch augmentation
+        (build_train_loader(batch_augment=...)) that module, its parameters drawn from a generator
+        seeded by (seed, epoch, rank, index) alone, so a resumed epoch augments batch k as an
+        unbroken one does."""
+        if self.augment is None:
+            return self.normalize(images)
+        seed, rank = self.augment_key
+        return self.augment(images, generator_for(seed_words(AUGMENT_STREAM, seed, int(self.position[0]), rank, index)))
 
     @property
     def start_batch(self) -> int:
@@ -491,6 +507,7 @@ def build_train_loader(
     normalize_in_loader: bool = True,
     persistent_workers: bool = False,
     shard_weights: list[float] | None = None,
+    batch_augment: torch.nn.Module | None = None,
 ) -> tuple[ShardLoader, int]:
     """The train loader of one rank: (loader, num_batches), num_batches equal on all ranks and epochs.
 
@@ -516,6 +533,9 @@ def build_train_loader(
 
     normalize_in_loader=False: workers stop before normalization and batches carry uint8
     [B,1,H,W]; apply `loader.normalize` on the device (12x less data through IPC and PCIe).
+    batch_augment (with normalize_in_loader=False and a deterministic `transform`, e.g.
+    `chexdist.data.transforms.load_transform`): `loader.finish(images, k)` applies it to batch k on
+    the device instead of `normalize` (`chexdist.data.batchaug`), seeded per batch.
     persistent_workers keeps the workers across epochs: build once, then `loader.set_epoch(e, k)`
     before each pass. pin_memory / multiprocessing_context are passed to the DataLoader.
     """
@@ -547,8 +567,18 @@ def build_train_loader(
     dataset = TrainStream(plan, per_image, in_loader, stats, position)
     loader = _dataloader(dataset, num_workers, pin_memory, multiprocessing_context, (seed, epoch, rank), persistent_workers)
     shard_loader = ShardLoader(loader, num_batches, stats, f"{where} train rank {rank}", normalize, position)
+    _attach_augment(shard_loader, batch_augment, normalize_in_loader, seed, rank)
     shard_loader.set_epoch(epoch, start_batch)
     return shard_loader, num_batches
+
+
+def _attach_augment(loader: ShardLoader, augment: torch.nn.Module | None, normalize_in_loader: bool, seed: int,
+                    rank: int) -> None:
+    if augment is None:
+        return
+    if normalize_in_loader:
+        raise ChexdistError("batch_augment needs normalize_in_loader=False: it starts from the uint8 batch")
+    loader.augment, loader.augment_key = augment, (seed, rank)
 
 
 def build_eval_loader(

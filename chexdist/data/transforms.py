@@ -12,6 +12,8 @@ under fork or spawn.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -124,6 +126,57 @@ def build_transform(
             ops.append(v2.RandomAffine(degrees=degrees, translate=(translate, translate)))
     norm = resolve_normalization(given=normalization)
     return v2.Compose([ToGrayTensor(), *ops, GrayToNormalizedRGB(tuple(norm["mean"]), tuple(norm["std"]))])
+
+
+def device_load_size(preset: str, image_size: int, eval_resize: int, scale_min: float) -> int:
+    """The square side the device resizes a batch to before its random ops (aug.where=device).
+
+    flip / none: eval_resize (then the eval centre crop and, for flip, the flip). dannynet / strong:
+    max(eval_resize, ceil(image_size / sqrt(scale_min))), so that the smallest square crop
+    RandomResizedCrop can take is still >= image_size px (not upsampled), and the largest is shrunk
+    at most 1 / sqrt(scale_min) times by the crop's own (not antialiased) resampling."""
+    if preset not in ("dannynet", "strong"):
+        return eval_resize
+    return max(eval_resize, math.ceil(image_size / math.sqrt(scale_min)))
+
+
+def load_transform(
+    preset: str,
+    image_size: int = 224,
+    eval_resize: int = 256,
+    scale_min: float = _AUG.scale_min,
+    normalization: dict[str, list[float]] | None = None,
+    source_size: int = 0,
+) -> v2.Compose:
+    """The workers' per-image transform when the train augmentation runs on the device: Resize(W) +
+    CenterCrop(W), deterministic, so batches stack.
+
+    W = `source_size` when given (the shards' packed size: pack gives every image that shorter
+    side, so the resize is a no-op and the workers only decode; the device then resizes, with
+    antialiasing), else `device_load_size`. A non-square image loses the edges of its longer side,
+    as the eval crop does. Ends with the normalization, which `split_normalization` hands to the
+    consumer."""
+    _check(preset, image_size, eval_resize, 0.0, 0.0, scale_min, 0.0, 0.0)
+    if source_size < 0:
+        raise ChexdistError(f"source_size must be >= 0, got {source_size}")
+    side = source_size or device_load_size(preset, image_size, eval_resize, scale_min)
+    norm = resolve_normalization(given=normalization)
+    return v2.Compose([ToGrayTensor(), v2.Resize(side, antialias=True), v2.CenterCrop(side),
+                       GrayToNormalizedRGB(tuple(norm["mean"]), tuple(norm["std"]))])
+
+
+def train_transform(config: Config, normalization: dict | None = None, on_device: bool = False,
+                    source_size: int = 0) -> v2.Compose:
+    """The train loader's per-image transform of a run: the preset's (workers augment), or with
+    `on_device` the deterministic `load_transform` to `source_size` (the device augments:
+    `chexdist.data.batchaug`)."""
+    aug, data = config.aug, config.data
+    if on_device:
+        return load_transform(aug.preset, data.image_size, data.resolved_eval_resize, aug.scale_min, normalization,
+                              source_size)
+    return build_transform(aug.preset, image_size=data.image_size, eval_resize=data.resolved_eval_resize, train=True,
+                           brightness=aug.brightness, contrast=aug.contrast, scale_min=aug.scale_min,
+                           degrees=aug.degrees, translate=aug.translate, normalization=normalization)
 
 
 def eval_transform(config: Config, normalization: dict | None = None) -> v2.Compose:

@@ -30,7 +30,8 @@ from chexdist import __version__
 from chexdist.config import BatchPlan, Config, eval_crop_warning, resolve_batch, save_config
 from chexdist.data.lineage import shards_lineage, write_train_patients
 from chexdist.data.loader import build_train_loader
-from chexdist.data.transforms import build_transform, eval_transform
+from chexdist.data.batchaug import resolve_where, train_stages
+from chexdist.data.transforms import eval_transform
 from chexdist.errors import ChexdistError, NonFiniteLoss, Preempted
 from chexdist.evaluation.inference import predict_split, split_loader
 from chexdist.evaluation.metrics import per_class_metrics, tune_thresholds
@@ -372,18 +373,9 @@ def _open_run_folder(run: _Run) -> None:
 def _loaders(run: _Run):
     """(train loader, its batches per epoch, val loader), built once for the run (persistent workers)."""
     config, accelerator = run.config, run.accelerator
-    transform = build_transform(
-        config.aug.preset,
-        image_size=config.data.image_size,
-        eval_resize=config.data.resolved_eval_resize,
-        train=True,
-        brightness=config.aug.brightness,
-        contrast=config.aug.contrast,
-        scale_min=config.aug.scale_min,
-        degrees=config.aug.degrees,
-        translate=config.aug.translate,
-        normalization=run.normalization,
-    )
+    run.run_config.aug.where = resolve_where(config.aug.where, accelerator.device)  # best.json aug_where says which ran
+    source_size = int(run.manifest.get("image", {}).get("size") or 0)  # the device resizes from the packed size
+    transform, augment = train_stages(config, run.normalization, run.run_config.aug.where == "device", source_size)
     loader, num_batches = build_train_loader(
         config.data.shards,
         run.batch.batch_size,
@@ -399,6 +391,7 @@ def _loaders(run: _Run):
         pin_memory=accelerator.device.type == "cuda",
         normalize_in_loader=False,
         persistent_workers=True,
+        batch_augment=augment,
     )
     val_loader = split_loader(accelerator, config.data.shards, "val", run.run_config, run.manifest,
                               transform=eval_transform(run.run_config, run.normalization), persistent_workers=True)
@@ -437,6 +430,7 @@ def _close_epoch(run: _Run, val: dict[str, Any], ema_val: dict[str, Any] | None 
         if improved:
             model = run.ema.module if weights == "ema" else accelerator.unwrap_model(run.model)
             info = best_info(run.config, chosen, run.manifest, run.normalization, weights=weights, lineage=run.lineage)
+            info["aug_where"] = run.run_config.aug.where
             export_best(model, run.out, info)
     return record
 
@@ -511,12 +505,13 @@ def train_epoch(model, optimizer, criterion, accelerator, config: Config, loader
                 after_step: Callable[[TrainState, torch.Tensor], None] | None = None) -> None:
     """One epoch of optimizer steps over `loader` (batches of images, targets), continuing from
     `state.batch`: the loader starts there (`loader.set_epoch(epoch, start_batch)`), so nothing is
-    decoded twice. The loader sends uint8 batches and `loader.normalize` finishes them on the device
-    (12x less data to move than float batches). `after_step(state, loss)` runs after each optimizer
+    decoded twice. The loader sends uint8 batches and `loader.finish` (normalization, or with
+    aug.where=device the batch augmentation) finishes them on the device (12x less data to move). `after_step(state, loss)` runs after each optimizer
     step (per-step schedule, EMA, trackers). Public so `chexdist bench train` times exactly this code."""
     accum, clip = config.train.grad_accum, config.train.grad_clip
     device = accelerator.device
     normalize = getattr(loader, "normalize", torch.nn.Identity())
+    finish = getattr(loader, "finish", lambda images, index: normalize(images))  # index: the augmentation's seed
     memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
     loss_sum = torch.zeros((), device=device)
     first_bad = torch.full((), math.inf, device=device)
@@ -534,7 +529,7 @@ def train_epoch(model, optimizer, criterion, accelerator, config: Config, loader
         group_start = i - i % accum
         group_size = min(accum, num_batches - group_start)
         sync = i + 1 == group_start + group_size
-        images = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+        images = finish(images.to(device, non_blocking=True), i).contiguous(memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             with accelerator.autocast():
