@@ -50,6 +50,7 @@ from webdataset.filters import shuffle
 
 from chexdist.errors import ChexdistError
 from chexdist.labels import NUM_LABELS
+from chexdist.data.decode import BatchDecoder, EncodedRows, batch_decode_device
 from chexdist.data.mixture import Chunk, load_sources, ring_segments, shares, source_list, weighted_chunks
 from chexdist.data.reader import Item, LoaderStats, Shards, read_segments, shards_of
 from chexdist.data.shardformat import split_shards
@@ -196,9 +197,10 @@ class TrainStream(IterableDataset):
     """
 
     def __init__(self, plan: _TrainPlan, transform: Transform, normalize: GrayToNormalizedRGB | None,
-                 stats: LoaderStats, position: torch.Tensor):
+                 stats: LoaderStats, position: torch.Tensor, ship_bytes: bool = False):
         super().__init__()
         self.plan, self.transform, self.normalize, self.stats, self.position = plan, transform, normalize, stats, position
+        self.ship_bytes = ship_bytes  # batches of encoded images, decoded by the main process (chexdist.data.decode)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         p, B = self.plan, self.plan.batch_size
@@ -222,8 +224,9 @@ class TrainStream(IterableDataset):
         reader = enumerate(read_segments(p.shards, segments, self.stats, slot), start=lowest)
         pending: dict[int, Item | None] = {}
         for b in range(first, p.batches[worker]):
-            batch = _Batch(B, self.normalize)
-            with seeded(seed_words(p.seed, epoch, p.rank, worker, b)):
+            words = seed_words(p.seed, epoch, p.rank, worker, b)
+            batch = EncodedRows(B, words) if self.ship_bytes else _Batch(B, self.normalize)
+            with seeded(words):
                 for row, j in enumerate(range(b * B, (b + 1) * B)):
                     while perm[j] not in pending:
                         q, item = next(reader)
@@ -239,6 +242,8 @@ class TrainStream(IterableDataset):
         if item is None:
             return None
         try:
+            if self.ship_bytes:
+                return item.encoded()[:2]
             gray, labels, _ = item.read()
             return self.transform(gray), labels
         except Exception as exc:
@@ -358,9 +363,9 @@ class ShardLoader:
     """
 
     def __init__(self, loader: DataLoader, num_batches: int, stats: LoaderStats, what: str, normalize: torch.nn.Module,
-                 position: torch.Tensor | None = None):
+                 position: torch.Tensor | None = None, finish: Callable[[Any], Any] | None = None):
         self.loader, self.num_batches, self.stats, self.what = loader, num_batches, stats, what
-        self.normalize, self.position = normalize, position
+        self.normalize, self.position, self.finish = normalize, position, finish
 
     @property
     def start_batch(self) -> int:
@@ -390,7 +395,7 @@ class ShardLoader:
             return
         for batch in _start_workers(self.loader):
             produced += 1
-            yield batch
+            yield batch if self.finish is None else self.finish(batch)
         if produced != expected:
             raise ChexdistError(f"{self.what}: produced {produced} batches instead of {expected}; ranks would desynchronize")
 
@@ -491,6 +496,7 @@ def build_train_loader(
     normalize_in_loader: bool = True,
     persistent_workers: bool = False,
     shard_weights: list[float] | None = None,
+    decode_device: str | torch.device = "cpu",
 ) -> tuple[ShardLoader, int]:
     """The train loader of one rank: (loader, num_batches), num_batches equal on all ranks and epochs.
 
@@ -518,6 +524,8 @@ def build_train_loader(
     [B,1,H,W]; apply `loader.normalize` on the device (12x less data through IPC and PCIe).
     persistent_workers keeps the workers across epochs: build once, then `loader.set_epoch(e, k)`
     before each pass. pin_memory / multiprocessing_context are passed to the DataLoader.
+    decode_device: `data.decode_device` (see :mod:`chexdist.data.decode`: "cuda" decodes JPEG batches
+    in the main process with nvJPEG, falling back to "cpu" without CUDA), or a torch.device to decode there.
     """
     _check_args(batch_size, num_workers, world_size, rank)
     if seed < 0 or epoch < 0 or shuffle_buffer < 0 or max_batches < 0:
@@ -541,12 +549,14 @@ def build_train_loader(
         num_batches=num_batches,
         **_weighting(manifest, records),
     )
-    stats = LoaderStats(num_workers)
+    device = batch_decode_device(decode_device, manifest)
+    stats = LoaderStats(num_workers + (device is not None))  # the main process's own slot when it decodes
     position = torch.zeros(2, dtype=torch.int64).share_memory_()
     per_image, in_loader, normalize = _stages(transform, normalize_in_loader)
-    dataset = TrainStream(plan, per_image, in_loader, stats, position)
+    dataset = TrainStream(plan, per_image, in_loader, stats, position, ship_bytes=device is not None)
     loader = _dataloader(dataset, num_workers, pin_memory, multiprocessing_context, (seed, epoch, rank), persistent_workers)
-    shard_loader = ShardLoader(loader, num_batches, stats, f"{where} train rank {rank}", normalize, position)
+    finish = BatchDecoder(per_image, in_loader, device, stats, num_workers) if device is not None else None
+    shard_loader = ShardLoader(loader, num_batches, stats, f"{where} train rank {rank}", normalize, position, finish)
     shard_loader.set_epoch(epoch, start_batch)
     return shard_loader, num_batches
 

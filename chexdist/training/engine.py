@@ -399,6 +399,7 @@ def _loaders(run: _Run):
         pin_memory=accelerator.device.type == "cuda",
         normalize_in_loader=False,
         persistent_workers=True,
+        decode_device=config.data.decode_device,  # cuda: JPEG batches decoded by nvJPEG in this process
     )
     val_loader = split_loader(accelerator, config.data.shards, "val", run.run_config, run.manifest,
                               transform=eval_transform(run.run_config, run.normalization), persistent_workers=True)
