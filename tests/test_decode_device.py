@@ -111,6 +111,15 @@ def test_tar_reader_ships_the_same_bytes(jpeg_shards, tar_only):
     assert same_batches(epoch(tar_only, 0, decode_device=torch.device("cpu")), cpu)
 
 
+def test_worker_batches_are_one_shared_segment(jpeg_shards):
+    """Images and labels of a worker's batch are views of one shared-memory buffer: one file descriptor
+    (one round trip to the worker's resource sharer) per batch."""
+    loader, _ = build_train_loader(jpeg_shards, 5, AUGMENT, 1, 1, 0, seed=7, epoch=2, shuffle_buffer=6, normalize_in_loader=False)
+    images, labels = next(iter(loader.loader))
+    assert images.dtype == torch.uint8 and images.untyped_storage().data_ptr() == labels.untyped_storage().data_ptr()
+    assert images.is_shared() and labels.storage_offset() * 4 >= images.numel()
+
+
 def test_cuda_without_cuda_falls_back_with_one_line(jpeg_shards, caplog, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cpu = epoch(jpeg_shards, 2)

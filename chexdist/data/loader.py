@@ -158,20 +158,33 @@ class _TrainPlan:
         return chunks, starts
 
 
+def _batch_buffers(size: int, shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images [size, *shape], zeroed float labels [size, 14]) as views of ONE buffer: in a worker, one
+    shared-memory segment per batch, so the main process receives one file descriptor (one connection
+    to the worker's resource sharer) per batch instead of two."""
+    image_bytes = size * math.prod(shape) * dtype.itemsize
+    at = -(-image_bytes // 64) * 64
+    storage = _empty((at + size * NUM_LABELS * 4,), torch.uint8).untyped_storage()
+    images = torch.empty(0, dtype=dtype).set_(storage, 0, (size, *shape))
+    labels = torch.empty(0, dtype=torch.float32).set_(storage, at // 4, (size, NUM_LABELS))
+    return images, labels.zero_()
+
+
 class _Batch:
-    """One batch collated in place: rows written straight into a preallocated (shared-memory) uint8 buffer."""
+    """One batch collated in place: rows written straight into a preallocated (shared-memory) uint8 buffer
+    that holds the labels too."""
 
     def __init__(self, size: int, normalize: GrayToNormalizedRGB | None):
         self.size, self.normalize = size, normalize
         self.images: torch.Tensor | None = None
-        self.labels = torch.zeros((size, NUM_LABELS), dtype=torch.float32)
+        self.labels = torch.zeros((size, NUM_LABELS), dtype=torch.float32)  # until the first row gives the shape
 
     def put(self, row: int, image: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         if self.images is None or self.images.shape[1:] != image.shape:
             if self.images is not None:
                 raise ChexdistError(f"the transform gave images of shape {tuple(self.images.shape[1:])} and {tuple(image.shape)} "
                                     "in one batch; it must end in a fixed size (resize/crop)")
-            self.images = _empty((self.size, *image.shape), image.dtype)
+            self.images, self.labels = _batch_buffers(self.size, image.shape, image.dtype)
         self.images[row] = image
         if labels is not None:
             self.labels[row] = labels
