@@ -84,6 +84,55 @@ def _steady_stream(shards: Path, transform, batch_size: int, workers: int, manif
     return timing
 
 
+def _proc_times(pid: int) -> tuple[float, float, int]:
+    """(user s, system s, minor page faults) of a process, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick, int(fields[7])
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        try:
+            if entry.name.isdigit() and int(_stat_field(entry.name, 1)) == pid:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _stat_field(pid: str, i: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[i]
+
+
+def _steady_split(shards: Path, transform, batch_size: int, workers: int, manifest: dict) -> dict[str, float]:
+    """A steady pass (persistent workers, second pass) split into user and system (kernel) CPU ms per image
+    and minor page faults per image, for the consuming process and the workers: the system part is mostly
+    page faults on fresh batch buffers (each batch a new shared-memory segment; the consumer's float batch)."""
+    loader, _ = build_train_loader(shards, batch_size, transform, workers, 1, 0, seed=0, epoch=0, manifest=manifest,
+                                   normalize_in_loader=False, persistent_workers=True)
+    loader.set_epoch(0)
+    for _ in _as_engine_consumes(loader):
+        pass
+    me = os.getpid()
+    kids = _children(me)
+    before = {pid: _proc_times(pid) for pid in [me, *kids]}
+    loader.set_epoch(1)
+    images = sum(len(images) for images, _ in _as_engine_consumes(loader))
+    after = {pid: _proc_times(pid) for pid in before}
+    del loader
+
+    def per_image(pids: list[int], i: int, scale: float) -> float:
+        return round(scale * sum(after[p][i] - before[p][i] for p in pids) / images, 3)
+
+    return {"main_user_ms": per_image([me], 0, 1e3), "main_sys_ms": per_image([me], 1, 1e3), "main_faults": per_image([me], 2, 1),
+            "workers_user_ms": per_image(kids, 0, 1e3), "workers_sys_ms": per_image(kids, 1, 1e3),
+            "workers_faults": per_image(kids, 2, 1)}
+
+
 def _one_thread(worker_id: int) -> None:
     torch.set_num_threads(1)
 
@@ -266,6 +315,7 @@ def loader_suite(
                 same_res = _write_shard_images(shards, Path(tmp) / f"files-{fmt}")
                 t = _measure(shards, manifest, paths, same_res, transform, batch_size, workers, repeats)
                 stages = _stage_costs(shards, transform, batch_size)
+                split = _steady_split(shards, transform, batch_size, workers, manifest) if workers and os.path.isdir("/proc") else None
                 blobs = [image_bytes(sample) for url in shard_urls(shards, "train") for sample in iter_tar(url)]
                 decoders = _decoders(blobs, fmt, eval_resize)
                 common = {
@@ -277,7 +327,8 @@ def loader_suite(
                        "baseline_px": raw_px, "baseline_format": sorted({p.suffix.lstrip(".") for p in paths})}
                 yield {**common, "comparison": "stream vs same-resolution files", **compare(t["ours"], t["files_same"]),
                        "baseline_px": _shorter_sides(same_res), "baseline_format": [fmt], **_stream_figures(t, stages),
-                       "decoder_cpu_ms": decoders, "decoder_fastest": min(decoders, key=decoders.get)}
+                       "decoder_cpu_ms": decoders, "decoder_fastest": min(decoders, key=decoders.get),
+                       **({"steady_split": split} if split else {})}
                 yield {**common, **device_augment_figures(shards, manifest, image_size, eval_resize, batch_size, workers, repeats)}
         finally:
             torch.set_num_threads(threads)

@@ -21,6 +21,7 @@ Precision = Literal["no", "bf16", "fp16", "auto"]
 LrScaling = Literal["none", "linear", "sqrt"]
 ThresholdMetric = Literal["f1"]
 TrackerName = Literal["tensorboard", "mlflow", "wandb", "aim"]
+DecodeDevice = Literal["cpu", "cuda"]
 
 
 def _f(default: Any, **limits: Any) -> Any:
@@ -46,6 +47,8 @@ class DataConfig:
 
     shards: str | list[str] = _f("", doc="a shard folder or URL, or a list of them: a mixture (docs/loader.md)")
     shard_weights: list[float] = _f([], gt=0, doc="one sampling weight per data.shards entry; [] = every sample once an epoch")
+    decode_device: DecodeDevice = _f("cpu", doc="cuda: JPEG train shards are decoded in batches by nvJPEG on the GPU "
+                                     "(falls back to cpu without CUDA; PNG stays on the CPU); docs/loader.md")
     image_size: int = _f(224, ge=16)
     crop_pct: float = _f(0.875, gt=0, le=1)
     eval_resize: int | None = _f(0, ge=0, doc="0 or null = floor(image_size / crop_pct)")

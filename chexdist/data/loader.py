@@ -50,6 +50,7 @@ from webdataset.filters import shuffle
 
 from chexdist.errors import ChexdistError
 from chexdist.labels import NUM_LABELS
+from chexdist.data.decode import BatchDecoder, EncodedRows, batch_decode_device
 from chexdist.data.mixture import Chunk, load_sources, ring_segments, shares, source_list, weighted_chunks
 from chexdist.data.reader import Item, LoaderStats, Shards, read_segments, shards_of
 from chexdist.data.shardformat import split_shards
@@ -160,20 +161,33 @@ class _TrainPlan:
         return chunks, starts
 
 
+def _batch_buffers(size: int, shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images [size, *shape], zeroed float labels [size, 14]) as views of ONE buffer: in a worker, one
+    shared-memory segment per batch, so the main process receives one file descriptor (one connection
+    to the worker's resource sharer) per batch instead of two."""
+    image_bytes = size * math.prod(shape) * dtype.itemsize
+    at = -(-image_bytes // 64) * 64
+    storage = _empty((at + size * NUM_LABELS * 4,), torch.uint8).untyped_storage()
+    images = torch.empty(0, dtype=dtype).set_(storage, 0, (size, *shape))
+    labels = torch.empty(0, dtype=torch.float32).set_(storage, at // 4, (size, NUM_LABELS))
+    return images, labels.zero_()
+
+
 class _Batch:
-    """One batch collated in place: rows written straight into a preallocated (shared-memory) uint8 buffer."""
+    """One batch collated in place: rows written straight into a preallocated (shared-memory) uint8 buffer
+    that holds the labels too."""
 
     def __init__(self, size: int, normalize: GrayToNormalizedRGB | None):
         self.size, self.normalize = size, normalize
         self.images: torch.Tensor | None = None
-        self.labels = torch.zeros((size, NUM_LABELS), dtype=torch.float32)
+        self.labels = torch.zeros((size, NUM_LABELS), dtype=torch.float32)  # until the first row gives the shape
 
     def put(self, row: int, image: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         if self.images is None or self.images.shape[1:] != image.shape:
             if self.images is not None:
                 raise ChexdistError(f"the transform gave images of shape {tuple(self.images.shape[1:])} and {tuple(image.shape)} "
                                     "in one batch; it must end in a fixed size (resize/crop)")
-            self.images = _empty((self.size, *image.shape), image.dtype)
+            self.images, self.labels = _batch_buffers(self.size, image.shape, image.dtype)
         self.images[row] = image
         if labels is not None:
             self.labels[row] = labels
@@ -199,9 +213,10 @@ class TrainStream(IterableDataset):
     """
 
     def __init__(self, plan: _TrainPlan, transform: Transform, normalize: GrayToNormalizedRGB | None,
-                 stats: LoaderStats, position: torch.Tensor):
+                 stats: LoaderStats, position: torch.Tensor, ship_bytes: bool = False):
         super().__init__()
         self.plan, self.transform, self.normalize, self.stats, self.position = plan, transform, normalize, stats, position
+        self.ship_bytes = ship_bytes  # batches of encoded images, decoded by the main process (chexdist.data.decode)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         p, B = self.plan, self.plan.batch_size
@@ -225,8 +240,9 @@ class TrainStream(IterableDataset):
         reader = enumerate(read_segments(p.shards, segments, self.stats, slot), start=lowest)
         pending: dict[int, Item | None] = {}
         for b in range(first, p.batches[worker]):
-            batch = _Batch(B, self.normalize)
-            with seeded(seed_words(p.seed, epoch, p.rank, worker, b)):
+            words = seed_words(p.seed, epoch, p.rank, worker, b)
+            batch = EncodedRows(B, words) if self.ship_bytes else _Batch(B, self.normalize)
+            with seeded(words):
                 for row, j in enumerate(range(b * B, (b + 1) * B)):
                     while perm[j] not in pending:
                         q, item = next(reader)
@@ -242,6 +258,8 @@ class TrainStream(IterableDataset):
         if item is None:
             return None
         try:
+            if self.ship_bytes:
+                return item.encoded()[:2]
             gray, labels, _ = item.read()
             return self.transform(gray), labels
         except Exception as exc:
@@ -361,9 +379,9 @@ class ShardLoader:
     """
 
     def __init__(self, loader: DataLoader, num_batches: int, stats: LoaderStats, what: str, normalize: torch.nn.Module,
-                 position: torch.Tensor | None = None):
+                 position: torch.Tensor | None = None, decode: Callable[[Any], Any] | None = None):
         self.loader, self.num_batches, self.stats, self.what = loader, num_batches, stats, what
-        self.normalize, self.position = normalize, position
+        self.normalize, self.position, self.decode = normalize, position, decode
         self.augment: torch.nn.Module | None = None
         self.augment_key: tuple[int, int] = (0, 0)
 
@@ -406,7 +424,7 @@ class ShardLoader:
             return
         for batch in _start_workers(self.loader):
             produced += 1
-            yield batch
+            yield batch if self.decode is None else self.decode(batch)
         if produced != expected:
             raise ChexdistError(f"{self.what}: produced {produced} batches instead of {expected}; ranks would desynchronize")
 
@@ -508,6 +526,7 @@ def build_train_loader(
     persistent_workers: bool = False,
     shard_weights: list[float] | None = None,
     batch_augment: torch.nn.Module | None = None,
+    decode_device: str | torch.device = "cpu",
 ) -> tuple[ShardLoader, int]:
     """The train loader of one rank: (loader, num_batches), num_batches equal on all ranks and epochs.
 
@@ -538,6 +557,8 @@ def build_train_loader(
     the device instead of `normalize` (`chexdist.data.batchaug`), seeded per batch.
     persistent_workers keeps the workers across epochs: build once, then `loader.set_epoch(e, k)`
     before each pass. pin_memory / multiprocessing_context are passed to the DataLoader.
+    decode_device: `data.decode_device` (see :mod:`chexdist.data.decode`: "cuda" decodes JPEG batches
+    in the main process with nvJPEG, falling back to "cpu" without CUDA), or a torch.device to decode there.
     """
     _check_args(batch_size, num_workers, world_size, rank)
     if seed < 0 or epoch < 0 or shuffle_buffer < 0 or max_batches < 0:
@@ -561,12 +582,14 @@ def build_train_loader(
         num_batches=num_batches,
         **_weighting(manifest, records),
     )
-    stats = LoaderStats(num_workers)
+    device = batch_decode_device(decode_device, manifest)
+    stats = LoaderStats(num_workers + (device is not None))  # the main process's own slot when it decodes
     position = torch.zeros(2, dtype=torch.int64).share_memory_()
     per_image, in_loader, normalize = _stages(transform, normalize_in_loader)
-    dataset = TrainStream(plan, per_image, in_loader, stats, position)
+    dataset = TrainStream(plan, per_image, in_loader, stats, position, ship_bytes=device is not None)
     loader = _dataloader(dataset, num_workers, pin_memory, multiprocessing_context, (seed, epoch, rank), persistent_workers)
-    shard_loader = ShardLoader(loader, num_batches, stats, f"{where} train rank {rank}", normalize, position)
+    decode = BatchDecoder(per_image, in_loader, device, stats, num_workers) if device is not None else None
+    shard_loader = ShardLoader(loader, num_batches, stats, f"{where} train rank {rank}", normalize, position, decode)
     _attach_augment(shard_loader, batch_augment, normalize_in_loader, seed, rank)
     shard_loader.set_epoch(epoch, start_batch)
     return shard_loader, num_batches

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from chexdist.data.samples import decode_gray, read_sample
+from chexdist.data.samples import decode_gray, image_bytes, parse_labels, read_sample
 from chexdist.data.shardformat import dataset_name, describe_stream_error, iter_tar, local_path, resolve, sample_offsets
 from chexdist.data.shardindex import ShardIndex, load_index, patient_code
 from chexdist.errors import ChexdistError
@@ -137,6 +137,18 @@ class Item:
         if row in index.errors:
             raise ChexdistError(index.errors[row])
         return decode_gray(self._image), torch.from_numpy(index.labels[row]), index.patients[row]
+
+    def encoded(self) -> tuple[bytes, torch.Tensor, Any]:
+        """As :meth:`read`, but the image still encoded (to be decoded later, e.g. in a batch on the GPU):
+        raises what makes the sample a skip, except an undecodable image."""
+        if self._sample is not None:
+            encoded = image_bytes(self._sample)
+            labels, meta = parse_labels(self._sample)
+            return encoded, labels, meta.get("patient_id")
+        index, row = self._index, self._row
+        if row in index.errors:
+            raise ChexdistError(index.errors[row])
+        return self._image, torch.from_numpy(index.labels[row]), index.patients[row]
 
 
 def _indexed(shards: Shards, shard: int, index: ShardIndex, skip: int, take: int, read: list[int]) -> Iterator[Item]:

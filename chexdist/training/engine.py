@@ -392,6 +392,7 @@ def _loaders(run: _Run):
         normalize_in_loader=False,
         persistent_workers=True,
         batch_augment=augment,
+        decode_device=config.data.decode_device,  # cuda: JPEG batches decoded by nvJPEG in this process
     )
     val_loader = split_loader(accelerator, config.data.shards, "val", run.run_config, run.manifest,
                               transform=eval_transform(run.run_config, run.normalization), persistent_workers=True)
