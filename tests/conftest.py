@@ -4,7 +4,9 @@ NIH-format download packed into shards, built once per test session."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -23,6 +25,26 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A session fixture's folder, built once per test run. Under pytest-xdist every worker is its
+    own session, so the first worker to ask builds it in the run's shared temp folder, under a file
+    lock, and the others wait and reuse it (the xdist docs' pattern). Treat it as read-only."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    from filelock import FileLock
+
+    folder = tmp_path_factory.getbasetemp().parent / name
+    with FileLock(f"{folder}.lock"):
+        if not (folder.parent / f"{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder.parent / f"{name}.done").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     if not REAL_CSV.is_file():
@@ -34,18 +56,18 @@ def real_data() -> Path:
 def synth_root(tmp_path_factory) -> Path:
     from chexdist.data.synth import make_synthetic_nih
 
-    root = tmp_path_factory.mktemp("synth-nih")
-    make_synthetic_nih(root, images=240, size=64, seed=0)
-    return root
+    return built_once(tmp_path_factory, "synth-nih", lambda root: make_synthetic_nih(root, images=240, size=64, seed=0))
 
 
 @pytest.fixture(scope="session")
 def synth_shards(synth_root, tmp_path_factory) -> Path:
     from chexdist.data.pack import PackSettings, pack_dataset
 
-    out = tmp_path_factory.mktemp("shards") / "synth"
-    pack_dataset(synth_root, out, PackSettings(split="official", size=64, shard_size=32), workers=1, progress=False)
-    return out
+    def build(folder: Path) -> None:
+        pack_dataset(synth_root, folder / "synth", PackSettings(split="official", size=64, shard_size=32), workers=1,
+                     progress=False)
+
+    return built_once(tmp_path_factory, "shards", build) / "synth"
 
 
 @pytest.fixture(scope="session")
@@ -54,10 +76,12 @@ def train_shards(tmp_path_factory) -> Path:
     from chexdist.data.pack import PackSettings, pack_dataset
     from chexdist.data.synth import make_synthetic_nih
 
-    root = tmp_path_factory.mktemp("train-data")
-    make_synthetic_nih(root / "nih", images=900, size=96, seed=0)
-    pack_dataset(root / "nih", root / "shards", PackSettings(split="official", size=72, shard_size=100), workers=2, progress=False)
-    return root / "shards"
+    def build(root: Path) -> None:
+        make_synthetic_nih(root / "nih", images=900, size=96, seed=0)
+        pack_dataset(root / "nih", root / "shards", PackSettings(split="official", size=72, shard_size=100), workers=2,
+                     progress=False)
+
+    return built_once(tmp_path_factory, "train-data", build) / "shards"
 
 
 @pytest.fixture(scope="session")
@@ -68,11 +92,12 @@ def eval_shards(tmp_path_factory) -> Path:
     from chexdist.data.pack import PackSettings, pack_dataset
     from chexdist.data.synth import make_synthetic_nih
 
-    root = tmp_path_factory.mktemp("eval-data")
-    make_synthetic_nih(root / "nih", images=1200, size=160, seed=1)
-    settings = PackSettings(split="official", size=144, shard_size=100, val_fraction=0.2)
-    pack_dataset(root / "nih", root / "shards", settings, workers=1, progress=False)
-    return root / "shards"
+    def build(root: Path) -> None:
+        make_synthetic_nih(root / "nih", images=1200, size=160, seed=1)
+        settings = PackSettings(split="official", size=144, shard_size=100, val_fraction=0.2)
+        pack_dataset(root / "nih", root / "shards", settings, workers=1, progress=False)
+
+    return built_once(tmp_path_factory, "eval-data", build) / "shards"
 
 
 @pytest.fixture(scope="session")
@@ -82,11 +107,13 @@ def trained_run(eval_shards, tmp_path_factory) -> Path:
     import subprocess
     import sys
 
-    out = tmp_path_factory.mktemp("trained") / "run"
-    cmd = [sys.executable, "-m", "chexdist.train", "--recipe", "tiny", "--shards", str(eval_shards), "--out", str(out),
-           "--no-progress", "--set", "train.epochs=4", "--set", "data.image_size=128", "--set", "data.eval_resize=144"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
-    if done.returncode != 0:
-        pytest.fail(f"training the shared tiny model failed: {done.stderr[-2000:]}")
-    return out
+    def build(folder: Path) -> None:
+        cmd = [sys.executable, "-m", "chexdist.train", "--recipe", "tiny", "--shards", str(eval_shards), "--out",
+               str(folder / "run"), "--no-progress", "--set", "train.epochs=4", "--set", "data.image_size=128",
+               "--set", "data.eval_resize=144"]
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+        if done.returncode != 0:
+            pytest.fail(f"training the shared tiny model failed: {done.stderr[-2000:]}")
+
+    return built_once(tmp_path_factory, "trained", build) / "run"
