@@ -507,8 +507,8 @@ def train_epoch(model, optimizer, criterion, accelerator, config: Config, loader
     """One epoch of optimizer steps over `loader` (batches of images, targets), continuing from
     `state.batch`: the loader starts there (`loader.set_epoch(epoch, start_batch)`), so nothing is
     decoded twice. The loader sends uint8 batches and `loader.finish` (normalization, or with
-    aug.where=device the batch augmentation) finishes them on the device (12x less data to move). `after_step(state, loss)` runs after each optimizer
-    step (per-step schedule, EMA, trackers). Public so `chexdist bench train` times exactly this code."""
+    aug.where=device the batch augmentation) finishes them on the device (12x less data to move).
+    `after_step(state, loss)` runs after each optimizer step (per-step schedule, EMA, trackers). Public so `chexdist bench train` times exactly this code."""
     accum, clip = config.train.grad_accum, config.train.grad_clip
     device = accelerator.device
     normalize = getattr(loader, "normalize", torch.nn.Identity())
