@@ -8,6 +8,8 @@ own `--help` (run once per subcommand), `accelerate launch chexdist/train.py` ag
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import re
 import shlex
 import subprocess
@@ -72,11 +74,21 @@ def all_commands(root: Path = ROOT) -> list[tuple[str, list[str]]]:
 
 @lru_cache(maxsize=None)
 def help_text(*argv: str) -> tuple[int, str]:
-    """`--help` of a chexdist (sub)command, or of the trainer for ("TRAIN",); run once each."""
-    cmd = [sys.executable, "chexdist/train.py", "--help"] if argv == ("TRAIN",) else \
-        [sys.executable, "-m", "chexdist", *argv, "--help"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    return proc.returncode, proc.stdout + proc.stderr
+    """`--help` of a chexdist (sub)command (in this process: the CLI's parsers, no interpreter start
+    per command), or of the trainer script for ("TRAIN",); run once each."""
+    if argv == ("TRAIN",):
+        proc = subprocess.run([sys.executable, "chexdist/train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        return proc.returncode, proc.stdout + proc.stderr
+    from chexdist.cli.main import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = main([*argv, "--help"])
+        except SystemExit as done:
+            code = done.code
+    return int(code or 0), out.getvalue()
 
 
 def resolve_chexdist(args: list[str]) -> tuple[tuple[str, ...], list[str]]:
