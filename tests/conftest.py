@@ -19,10 +19,26 @@ REAL_IMAGES = SHARED_DATA / "nih-sample" / "images"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# The longest test files, longest first (per-file times of a run with --durations=0): collected first,
+# so that pytest-xdist's --dist loadfile starts them early and the run does not end waiting on one
+# of them while the other workers idle. Test order within a file is unchanged.
+LONGEST_FIRST = ("test_launch.py", "test_slurm.py", "tune/test_resume.py", "tune/test_search.py", "test_bench_tune.py",
+                 "test_train.py", "test_scale.py", "tune/test_failures.py", "test_reader_signals.py", "tune/test_pbt.py",
+                 "test_demo.py", "test_mixture.py", "test_new_user.py", "test_behaviour_training.py")
+
+
 def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item) -> int:
+        path = item.path.relative_to(REPO / "tests").as_posix()
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
 
 
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
