@@ -17,7 +17,8 @@ COMMON = {"bench", "format", "workers", "images", "batch_size", "ours_px", "imag
 STREAM = {"decode_only_img_s", "decode_only_cpu_ms", "stream_1proc_img_s", "stream_1proc_cpu_ms", "stream_overhead", "pipeline_overhead",
           "ours_steady_cpu_ms", "baseline_steady_cpu_ms", "pipeline_overhead_steady", "stage_cpu_ms", "glue_cpu_ms",
           "ours_steady_main_cpu_ms", "baseline_steady_main_cpu_ms", "img_s_per_core_steady", "cores_for_reference", "reference",
-          "decoder_cpu_ms", "decoder_fastest", "steady_split"}
+          "decoder_cpu_ms", "decoder_fastest", "steady_split", "gpu_steady_cpu_ms", "gpu_steady_main_cpu_ms", "bare_uint8_cpu_ms",
+          "bare_parallel_cpu_ms", "gpu_steady_overhead", "gpu_steady_overhead_parallel"}
 DEVICE_AUG = {"preset", "worker_px", "load_px", "steady", "workers_aug_cpu_ms", "workers_load_cpu_ms", "worker_cpu_ratio", "device_aug_cpu_ms",
               "device_params_cpu_ms"}
 POSITIVE = {"ours_img_s", "baseline_img_s", "ratio", "ours_cpu_ms", "baseline_cpu_ms", "cpu_ratio", "shard_bytes"}
@@ -60,7 +61,10 @@ def test_loader_bench_prints_two_comparisons_per_format(tmp_path):
             assert list(stages) == ["read", "labels", "decode", "transform", "seeding", "collate", "normalize"]
             assert all(v >= 0 for v in stages.values()) and stages["decode"] > 0
             assert set(r["decoder_cpu_ms"]) == ({"torchvision", "pil", "pil_draft"} if r["format"] == "jpg" else {"torchvision", "pil"})
-            assert r["cores_for_reference"] == pytest.approx(r["reference"]["train_img_s"] * r["ours_steady_cpu_ms"] / 1e3, rel=0.02)
+            assert r["cores_for_reference"] == pytest.approx(r["reference"]["train_img_s"] * r["gpu_steady_cpu_ms"] / 1e3, abs=0.01)
+            assert 0 <= r["gpu_steady_main_cpu_ms"] <= r["gpu_steady_cpu_ms"] and r["bare_parallel_cpu_ms"] > 0
+            assert r["gpu_steady_overhead"] == pytest.approx(r["gpu_steady_cpu_ms"] / r["bare_uint8_cpu_ms"] - 1, abs=0.01)
+            assert r["gpu_steady_overhead_parallel"] == pytest.approx(r["gpu_steady_cpu_ms"] / r["bare_parallel_cpu_ms"] - 1, abs=0.01)
             assert r["glue_cpu_ms"] == pytest.approx(r["stream_1proc_cpu_ms"] - sum(stages.values()), abs=1e-3)
             split = r["steady_split"]
             assert set(split) == {f"{who}_{what}" for who in ("main", "workers") for what in ("user_ms", "sys_ms", "faults")}

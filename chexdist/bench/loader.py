@@ -71,13 +71,15 @@ def _steady_folder(paths: list[Path], per_image, normalize, batch_size: int, wor
     return timing
 
 
-def _steady_stream(shards: Path, transform, batch_size: int, workers: int, manifest: dict) -> Timing:
+def _steady_stream(shards: Path, transform, batch_size: int, workers: int, manifest: dict, on_gpu: bool = False) -> Timing:
+    """A steady pass consumed as a CPU run does (normalized here), or with `on_gpu` as a GPU run does: the
+    uint8 batches are handed over as they come (the run normalizes on the device)."""
     loader, _ = build_train_loader(shards, batch_size, transform, workers, 1, 0, seed=0, epoch=0, manifest=manifest,
                                    normalize_in_loader=False, persistent_workers=True)
 
     def epoch(e: int):
         loader.set_epoch(e)
-        return _as_engine_consumes(loader)
+        return iter(loader) if on_gpu else _as_engine_consumes(loader)
 
     timing = timed_steady(epoch)
     del loader
@@ -169,6 +171,43 @@ def _decode_only(shard_dir: Path, transform: Callable[[torch.Tensor], torch.Tens
     """Bare decode + transform of the shard images on one thread, bytes already in memory."""
     blobs = [image_bytes(sample) for url in shard_urls(shard_dir, "train") for sample in iter_tar(url)]
     return timed(lambda: _decode_each(blobs, transform))
+
+
+def _bare_parallel(blobs: list[bytes], transform: Callable[[torch.Tensor], torch.Tensor], processes: int) -> Timing:
+    """Bare decode + transform split over `processes` processes running at once, each on one thread with
+    its bytes in memory: the same work at the workers' parallelism, with no pipeline at all. Each
+    process times its own decode loop only (not its start, nor the copy-on-write faults of touching
+    its share first), all starting together."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    barrier, results = context.Barrier(processes), context.SimpleQueue()
+    jobs = [context.Process(target=_decode_share, args=(blobs[i::processes], transform, barrier, results))
+            for i in range(processes)]
+    for job in jobs:
+        job.start()
+    got = [results.get() for _ in jobs]
+    for job in jobs:
+        job.join()
+    if any(job.exitcode for job in jobs) or any(r is None for r in got):
+        raise ChexdistError(f"bare decode in {processes} processes: a process failed (exit codes {[j.exitcode for j in jobs]})")
+    wall = max(end for _, _, end in got) - min(start for _, start, _ in got)
+    return Timing(len(blobs), wall, sum(cpu for cpu, _, _ in got))
+
+
+def _decode_share(blobs: list[bytes], transform: Callable[[torch.Tensor], torch.Tensor], barrier, results) -> None:
+    """One process of `_bare_parallel`: (CPU s, start, end) of its decode loop, or None if it failed."""
+    try:
+        torch.set_num_threads(1)
+        sum(len(blob) for blob in blobs)  # take the copy-on-write faults of the shared list before timing
+        barrier.wait()
+        cpu, start = time.process_time(), time.perf_counter()
+        for _ in _decode_each(blobs, transform):
+            pass
+        results.put((time.process_time() - cpu, start, time.perf_counter()))
+    except BaseException:
+        results.put(None)
+        raise
 
 
 def _stage_costs(shard_dir: Path, transform: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> dict[str, float]:
@@ -287,6 +326,11 @@ def loader_suite(
       /proc), *_steady_cpu_ms and pipeline_overhead_steady measure a second pass with persistent
       workers (no start-up), as every epoch after the first in training; *_steady_main_cpu_ms is the
       consuming process's part (receiving batches from the workers and normalizing them).
+      gpu_steady_* is the same steady pass consumed as a GPU run consumes it (uint8 batches handed
+      over; the run normalizes on the device), against bare decode + the workers' transform to uint8
+      on one thread (bare_uint8_cpu_ms, gpu_steady_overhead) and split over `workers` processes at
+      once (bare_parallel_cpu_ms, gpu_steady_overhead_parallel: the same work at the same parallelism
+      with no pipeline). img_s_per_core_steady and cores_for_reference are the GPU consumer's.
 
     Every loader ships uint8 batches that the consuming process normalizes, as the engine does.
     Each measurement runs `repeats` times, interleaved, best kept, worker start-up included.
@@ -384,7 +428,9 @@ def _measure(shards: Path, manifest: dict, paths: list[Path], same_res: list[Pat
     """Every loader of the suite, `repeats` times interleaved (one after another within a repeat)."""
     per_image, normalize = split_normalization(transform)
     steady = os.path.isdir("/proc")
-    t: dict[str, list[Timing]] = {k: [] for k in ("ours", "single", "raw", "files_same", "bare", "ours_steady", "files_steady")}
+    keys = ("ours", "single", "raw", "files_same", "bare", "ours_steady", "files_steady", "gpu_steady", "bare_uint8", "bare_parallel")
+    t: dict[str, list[Timing]] = {k: [] for k in keys}
+    blobs = [image_bytes(sample) for url in shard_urls(shards, "train") for sample in iter_tar(url)]
     for _ in range(repeats):
         t["ours"].append(timed(lambda: _as_engine_consumes(build_train_loader(
             shards, batch_size, transform, workers, 1, 0, seed=0, epoch=0, manifest=manifest,
@@ -394,6 +440,9 @@ def _measure(shards: Path, manifest: dict, paths: list[Path], same_res: list[Pat
         if workers and steady:
             t["ours_steady"].append(_steady_stream(shards, transform, batch_size, workers, manifest))
             t["files_steady"].append(_steady_folder(same_res, per_image, normalize, batch_size, workers))
+            t["gpu_steady"].append(_steady_stream(shards, transform, batch_size, workers, manifest, on_gpu=True))
+            t["bare_uint8"].append(timed(lambda: _decode_each(blobs, per_image)))
+            t["bare_parallel"].append(_bare_parallel(blobs, per_image, workers))
         t["single"].append(timed(lambda: _as_engine_consumes(build_train_loader(
             shards, batch_size, transform, 0, 1, 0, seed=0, epoch=0, manifest=manifest,
             normalize_in_loader=False)[0])))
@@ -422,8 +471,24 @@ def _stream_figures(t: dict[str, list[Timing]], stages: dict[str, float]) -> dic
             "baseline_steady_cpu_ms": round(best_cpu(t["files_steady"]), 3),
             "baseline_steady_main_cpu_ms": main_cpu_ms(t["files_steady"]),
             "pipeline_overhead_steady": round(best_cpu(t["ours_steady"]) / bare_cpu - 1, 3),
-            "img_s_per_core_steady": round(1e3 / best_cpu(t["ours_steady"]), 1),
-            "cores_for_reference": round(REFERENCE["train_img_s"] * best_cpu(t["ours_steady"]) / 1e3, 2),
+            "img_s_per_core_steady": round(1e3 / best_cpu(t["gpu_steady"]), 1),  # what feeding a GPU costs
+            "cores_for_reference": round(REFERENCE["train_img_s"] * best_cpu(t["gpu_steady"]) / 1e3, 2),
             "reference": REFERENCE,
+            **_gpu_consumer_figures(t),
         })
     return figures
+
+
+def _gpu_consumer_figures(t: dict[str, list[Timing]]) -> dict[str, float]:
+    """The steady stream as a GPU run consumes it (uint8 batches; normalized on the device) against the
+    same work with no pipeline: bare decode + the workers' transform (uint8), on one thread and split
+    over as many processes as there are workers, all at once."""
+    gpu, bare, parallel = best_cpu(t["gpu_steady"]), best_cpu(t["bare_uint8"]), best_cpu(t["bare_parallel"])
+    return {
+        "gpu_steady_cpu_ms": round(gpu, 3),
+        "gpu_steady_main_cpu_ms": main_cpu_ms(t["gpu_steady"]),
+        "bare_uint8_cpu_ms": round(bare, 3),
+        "bare_parallel_cpu_ms": round(parallel, 3),
+        "gpu_steady_overhead": round(gpu / bare - 1, 3),
+        "gpu_steady_overhead_parallel": round(gpu / parallel - 1, 3),
+    }

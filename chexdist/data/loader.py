@@ -57,6 +57,7 @@ from chexdist.data.shardformat import split_shards
 from chexdist.utils.stopsignals import blocked, serve_through_stop_signals
 from chexdist.data.transforms import GrayToNormalizedRGB, split_normalization
 from chexdist.data.batchaug import generator_for
+from chexdist.data.batchring import RingBatch, RingReceiver, WorkerRing, batch_bytes, batch_views, ring_flags
 
 AUGMENT_STREAM = 0x6175670A  # first seed word of the per-batch device augmentation, apart from the workers' streams
 
@@ -161,36 +162,39 @@ class _TrainPlan:
         return chunks, starts
 
 
-def _batch_buffers(size: int, shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images [size, *shape], zeroed float labels [size, 14]) as views of ONE buffer: in a worker, one
-    shared-memory segment per batch, so the main process receives one file descriptor (one connection
-    to the worker's resource sharer) per batch instead of two."""
-    image_bytes = size * math.prod(shape) * dtype.itemsize
-    at = -(-image_bytes // 64) * 64
-    storage = _empty((at + size * NUM_LABELS * 4,), torch.uint8).untyped_storage()
-    images = torch.empty(0, dtype=dtype).set_(storage, 0, (size, *shape))
-    labels = torch.empty(0, dtype=torch.float32).set_(storage, at // 4, (size, NUM_LABELS))
-    return images, labels.zero_()
+def _new_segment(nbytes: int) -> torch.UntypedStorage:
+    return _empty((nbytes,), torch.uint8).untyped_storage()
 
 
 class _Batch:
     """One batch collated in place: rows written straight into a preallocated (shared-memory) uint8 buffer
-    that holds the labels too."""
+    that holds the labels too (one segment per batch, so the training process receives one file
+    descriptor per batch, not two), or into a segment of the worker's ring (`chexdist.data.batchring`)."""
 
-    def __init__(self, size: int, normalize: GrayToNormalizedRGB | None):
-        self.size, self.normalize = size, normalize
+    def __init__(self, size: int, normalize: GrayToNormalizedRGB | None, ring: WorkerRing | None = None):
+        self.size, self.normalize, self.ring = size, normalize, ring
         self.images: torch.Tensor | None = None
         self.labels = torch.zeros((size, NUM_LABELS), dtype=torch.float32)  # until the first row gives the shape
+        self.slot, self.send = -1, True
 
     def put(self, row: int, image: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         if self.images is None or self.images.shape[1:] != image.shape:
             if self.images is not None:
                 raise ChexdistError(f"the transform gave images of shape {tuple(self.images.shape[1:])} and {tuple(image.shape)} "
                                     "in one batch; it must end in a fixed size (resize/crop)")
-            self.images, self.labels = _batch_buffers(self.size, image.shape, image.dtype)
+            self._allocate(tuple(image.shape), image.dtype)
         self.images[row] = image
         if labels is not None:
             self.labels[row] = labels
+
+    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        nbytes, _ = batch_bytes(self.size, shape, dtype)
+        if self.ring is None:
+            storage = _new_segment(nbytes)
+        else:
+            self.slot, storage, self.send = self.ring.acquire(nbytes, _new_segment)
+        self.images, self.labels = batch_views(storage, self.size, shape, dtype)
+        self.labels.zero_()
 
     def finish(self) -> torch.Tensor:
         """The batch's images; with `normalize`, normalized in one pass straight into the output buffer."""
@@ -198,6 +202,12 @@ class _Batch:
             return self.images
         out = _empty((self.size, self.normalize.scale.shape[0], *self.images.shape[-2:]), torch.float32)
         return torch.mul(self.images.to(torch.float32), self.normalize.scale, out=out).add_(self.normalize.shift)
+
+    def shipped(self) -> RingBatch | tuple[torch.Tensor, torch.Tensor]:
+        """What the worker yields: the ring slot's hand-over, or (images, labels)."""
+        if self.slot >= 0:
+            return self.ring.ship(self.slot, self.send, self.images)
+        return self.finish(), self.labels
 
 
 class TrainStream(IterableDataset):
@@ -213,16 +223,19 @@ class TrainStream(IterableDataset):
     """
 
     def __init__(self, plan: _TrainPlan, transform: Transform, normalize: GrayToNormalizedRGB | None,
-                 stats: LoaderStats, position: torch.Tensor, ship_bytes: bool = False):
+                 stats: LoaderStats, position: torch.Tensor, ship_bytes: bool = False, ring: torch.Tensor | None = None):
         super().__init__()
         self.plan, self.transform, self.normalize, self.stats, self.position = plan, transform, normalize, stats, position
         self.ship_bytes = ship_bytes  # batches of encoded images, decoded by the main process (chexdist.data.decode)
+        self.ring = ring  # the workers' hand-over cells (chexdist.data.batchring), None: a fresh segment per batch
+        self.worker_ring: WorkerRing | None = None  # made in the worker process, kept across its passes
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         p, B = self.plan, self.plan.batch_size
         epoch, start_batch = (int(v) for v in self.position)
         workers = len(p.batches)
         slot = _worker_slot()
+        ring = self._worker_ring(slot)
         worker = (slot + start_batch) % workers
         first = max(0, -(-(start_batch - worker) // workers))
         if first >= p.batches[worker]:
@@ -241,7 +254,7 @@ class TrainStream(IterableDataset):
         pending: dict[int, Item | None] = {}
         for b in range(first, p.batches[worker]):
             words = seed_words(p.seed, epoch, p.rank, worker, b)
-            batch = EncodedRows(B, words) if self.ship_bytes else _Batch(B, self.normalize)
+            batch = EncodedRows(B, words) if self.ship_bytes else _Batch(B, self.normalize, ring)
             with seeded(words):
                 for row, j in enumerate(range(b * B, (b + 1) * B)):
                     while perm[j] not in pending:
@@ -252,7 +265,15 @@ class TrainStream(IterableDataset):
                     if decoded is None:
                         decoded = self._replacement(chunks, starts[worker] + budget + j, slot)
                     batch.put(row, *decoded)
-            yield batch.finish(), batch.labels
+            yield (batch.finish(), batch.labels) if self.ship_bytes else batch.shipped()
+
+    def _worker_ring(self, slot: int) -> WorkerRing | None:
+        if self.ring is None or get_worker_info() is None:
+            return None
+        if self.worker_ring is None:
+            self.worker_ring = WorkerRing(self.ring, slot)
+        self.worker_ring.start_pass()
+        return self.worker_ring
 
     def _decode(self, item: Item | None, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if item is None:
@@ -379,9 +400,10 @@ class ShardLoader:
     """
 
     def __init__(self, loader: DataLoader, num_batches: int, stats: LoaderStats, what: str, normalize: torch.nn.Module,
-                 position: torch.Tensor | None = None, decode: Callable[[Any], Any] | None = None):
+                 position: torch.Tensor | None = None, decode: Callable[[Any], Any] | None = None,
+                 ring: RingReceiver | None = None):
         self.loader, self.num_batches, self.stats, self.what = loader, num_batches, stats, what
-        self.normalize, self.position, self.decode = normalize, position, decode
+        self.normalize, self.position, self.decode, self.ring = normalize, position, decode, ring
         self.augment: torch.nn.Module | None = None
         self.augment_key: tuple[int, int] = (0, 0)
 
@@ -424,6 +446,8 @@ class ShardLoader:
             return
         for batch in _start_workers(self.loader):
             produced += 1
+            if self.ring is not None:
+                batch = self.ring.take(batch)
             yield batch if self.decode is None else self.decode(batch)
         if produced != expected:
             raise ChexdistError(f"{self.what}: produced {produced} batches instead of {expected}; ranks would desynchronize")
@@ -586,10 +610,13 @@ def build_train_loader(
     stats = LoaderStats(num_workers + (device is not None))  # the main process's own slot when it decodes
     position = torch.zeros(2, dtype=torch.int64).share_memory_()
     per_image, in_loader, normalize = _stages(transform, normalize_in_loader)
-    dataset = TrainStream(plan, per_image, in_loader, stats, position, ship_bytes=device is not None)
-    loader = _dataloader(dataset, num_workers, pin_memory, multiprocessing_context, (seed, epoch, rank), persistent_workers)
+    flags = ring_flags(num_workers) if num_workers and persistent_workers and device is None and in_loader is None else None
+    dataset = TrainStream(plan, per_image, in_loader, stats, position, ship_bytes=device is not None, ring=flags)
+    loader = _dataloader(dataset, num_workers, pin_memory and flags is None, multiprocessing_context, (seed, epoch, rank),
+                         persistent_workers)
     decode = BatchDecoder(per_image, in_loader, device, stats, num_workers) if device is not None else None
-    shard_loader = ShardLoader(loader, num_batches, stats, f"{where} train rank {rank}", normalize, position, decode)
+    ring = RingReceiver(flags, pin=pin_memory) if flags is not None else None  # it pins, in place of the DataLoader
+    shard_loader = ShardLoader(loader, num_batches, stats, f"{where} train rank {rank}", normalize, position, decode, ring)
     _attach_augment(shard_loader, batch_augment, normalize_in_loader, seed, rank)
     shard_loader.set_epoch(epoch, start_batch)
     return shard_loader, num_batches
