@@ -24,6 +24,13 @@ DEVICE_AUG = {"preset", "worker_px", "load_px", "steady", "workers_aug_cpu_ms", 
 POSITIVE = {"ours_img_s", "baseline_img_s", "ratio", "ours_cpu_ms", "baseline_cpu_ms", "cpu_ratio", "shard_bytes"}
 
 
+def assert_overhead(overhead: float, ours_ms: float, base_ms: float) -> None:
+    """overhead == ours / base - 1, within what rounding the printed figures (3 decimals) allows: tiny
+    images make base_ms small, and the ratio of two rounded figures moves by up to this bound."""
+    bound = 0.0005 * (1 / base_ms + ours_ms / base_ms**2) + 0.0006
+    assert abs(overhead - (ours_ms / base_ms - 1)) <= bound, (overhead, ours_ms, base_ms)
+
+
 def test_loader_bench_prints_two_comparisons_per_format(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -63,8 +70,8 @@ def test_loader_bench_prints_two_comparisons_per_format(tmp_path):
             assert set(r["decoder_cpu_ms"]) == ({"torchvision", "pil", "pil_draft"} if r["format"] == "jpg" else {"torchvision", "pil"})
             assert r["cores_for_reference"] == pytest.approx(r["reference"]["train_img_s"] * r["gpu_steady_cpu_ms"] / 1e3, abs=0.01)
             assert 0 <= r["gpu_steady_main_cpu_ms"] <= r["gpu_steady_cpu_ms"] and r["bare_parallel_cpu_ms"] > 0
-            assert r["gpu_steady_overhead"] == pytest.approx(r["gpu_steady_cpu_ms"] / r["bare_uint8_cpu_ms"] - 1, abs=0.01)
-            assert r["gpu_steady_overhead_parallel"] == pytest.approx(r["gpu_steady_cpu_ms"] / r["bare_parallel_cpu_ms"] - 1, abs=0.01)
+            assert_overhead(r["gpu_steady_overhead"], r["gpu_steady_cpu_ms"], r["bare_uint8_cpu_ms"])
+            assert_overhead(r["gpu_steady_overhead_parallel"], r["gpu_steady_cpu_ms"], r["bare_parallel_cpu_ms"])
             assert r["glue_cpu_ms"] == pytest.approx(r["stream_1proc_cpu_ms"] - sum(stages.values()), abs=1e-3)
             split = r["steady_split"]
             assert set(split) == {f"{who}_{what}" for who in ("main", "workers") for what in ("user_ms", "sys_ms", "faults")}

@@ -167,12 +167,6 @@ def _as_engine_consumes(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         yield loader.normalize(images), labels
 
 
-def _decode_only(shard_dir: Path, transform: Callable[[torch.Tensor], torch.Tensor]) -> Timing:
-    """Bare decode + transform of the shard images on one thread, bytes already in memory."""
-    blobs = [image_bytes(sample) for url in shard_urls(shard_dir, "train") for sample in iter_tar(url)]
-    return timed(lambda: _decode_each(blobs, transform))
-
-
 def _bare_parallel(blobs: list[bytes], transform: Callable[[torch.Tensor], torch.Tensor], processes: int) -> Timing:
     """Bare decode + transform split over `processes` processes running at once, each on one thread with
     its bytes in memory: the same work at the workers' parallelism, with no pipeline at all. Each
@@ -357,10 +351,10 @@ def loader_suite(
                 pack_dataset(root, shards, settings, workers=max(1, workers), progress=False)
                 manifest = load_manifest(shards)
                 same_res = _write_shard_images(shards, Path(tmp) / f"files-{fmt}")
-                t = _measure(shards, manifest, paths, same_res, transform, batch_size, workers, repeats)
+                blobs = [image_bytes(sample) for url in shard_urls(shards, "train") for sample in iter_tar(url)]
+                t = _measure(shards, manifest, paths, same_res, blobs, transform, batch_size, workers, repeats)
                 stages = _stage_costs(shards, transform, batch_size)
                 split = _steady_split(shards, transform, batch_size, workers, manifest) if workers and os.path.isdir("/proc") else None
-                blobs = [image_bytes(sample) for url in shard_urls(shards, "train") for sample in iter_tar(url)]
                 decoders = _decoders(blobs, fmt, eval_resize)
                 common = {
                     "bench": "loader", "format": fmt, "workers": workers, "images": count, "batch_size": batch_size,
@@ -423,14 +417,13 @@ def _workers_cpu_ms(shards: Path, manifest: dict, transform, batch_size: int, wo
     return 1e3 * (timing.cpu_s - timing.main_cpu_s) / timing.images
 
 
-def _measure(shards: Path, manifest: dict, paths: list[Path], same_res: list[Path], transform, batch_size: int,
-             workers: int, repeats: int) -> dict[str, list[Timing]]:
+def _measure(shards: Path, manifest: dict, paths: list[Path], same_res: list[Path], blobs: list[bytes], transform,
+             batch_size: int, workers: int, repeats: int) -> dict[str, list[Timing]]:
     """Every loader of the suite, `repeats` times interleaved (one after another within a repeat)."""
     per_image, normalize = split_normalization(transform)
     steady = os.path.isdir("/proc")
     keys = ("ours", "single", "raw", "files_same", "bare", "ours_steady", "files_steady", "gpu_steady", "bare_uint8", "bare_parallel")
     t: dict[str, list[Timing]] = {k: [] for k in keys}
-    blobs = [image_bytes(sample) for url in shard_urls(shards, "train") for sample in iter_tar(url)]
     for _ in range(repeats):
         t["ours"].append(timed(lambda: _as_engine_consumes(build_train_loader(
             shards, batch_size, transform, workers, 1, 0, seed=0, epoch=0, manifest=manifest,
@@ -446,7 +439,7 @@ def _measure(shards: Path, manifest: dict, paths: list[Path], same_res: list[Pat
         t["single"].append(timed(lambda: _as_engine_consumes(build_train_loader(
             shards, batch_size, transform, 0, 1, 0, seed=0, epoch=0, manifest=manifest,
             normalize_in_loader=False)[0])))
-        t["bare"].append(_decode_only(shards, transform))
+        t["bare"].append(timed(lambda: _decode_each(blobs, transform)))  # bare decode + transform, bytes in memory
     return t
 
 

@@ -1,7 +1,7 @@
 """Train batches through reused shared-memory segments: each persistent loader worker keeps a ring of them.
 
 A worker that writes every batch into a fresh shared-memory segment pays for it twice: the kernel
-zero-fills each page as the worker first touches it (12-14 page faults per 224-px image), and the
+zero-fills each page as the worker first touches it (12-16 page faults per 224-px image), and the
 training process receives a file descriptor per batch (one connection to the worker's resource
 sharer) and maps the segment again. With persistent workers, each worker instead writes its batches
 into up to `SLOTS` segments that it keeps. The training process receives a segment's descriptor the
